@@ -1,0 +1,281 @@
+"""tenement.toml: parse, validate strictly, and sync into the database.
+
+Compatible with upstream tenement 0.2.x, but where upstream silently ignores a
+mistyped key we refuse the file and say which key, where, and what was wrong.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import shutil
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+)
+
+from instances.ids import check_label
+from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
+from instances.spec import MAX_SOCKET_PATH, ServiceSpec
+
+ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+HEALTH_PATH_RE = re.compile(r"/[\x21-\x7e]*")
+
+# Built-in defaults for keys that [settings] may override per project.
+DEFAULT_IDLE_TIMEOUT = 0.0
+DEFAULT_WAKE_TIMEOUT = 30.0
+DEFAULT_STARTUP_TIMEOUT = 10.0
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; .problems lists every reason."""
+
+    def __init__(self, path: str, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+def _template(allowed: tuple[str, ...]) -> Any:
+    def check(value: str) -> str:
+        try:
+            check_template(value, allowed)
+        except TemplateError as e:
+            raise ValueError(str(e)) from None
+        return value
+
+    return AfterValidator(check)
+
+
+def _env_name(value: str) -> str:
+    if not ENV_NAME_RE.fullmatch(value):
+        raise ValueError(f"{value!r} is not a valid environment variable name")
+    return value
+
+
+def _health_path(value: str) -> str:
+    if value and not HEALTH_PATH_RE.fullmatch(value):
+        raise ValueError("must be an HTTP path starting with '/' with no spaces or control bytes")
+    return value
+
+
+ServiceName = Annotated[str, AfterValidator(lambda v: check_label(v, "service name"))]
+InstanceId = Annotated[str, AfterValidator(check_label)]
+Template = Annotated[str, _template(PLACEHOLDERS)]
+SocketTemplate = Annotated[str, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
+Seconds = Annotated[float, Field(ge=0)]
+PositiveSeconds = Annotated[float, Field(gt=0)]
+
+
+class _Table(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SettingsTable(_Table):
+    data_dir: str = ""
+    health_check_interval: PositiveSeconds = 10
+    max_restarts: NonNegativeInt = 3
+    restart_window: PositiveSeconds = 300
+    backoff_base_ms: PositiveInt = 1000
+    backoff_max_ms: PositiveInt = 60_000
+    # Project-wide defaults for services that do not set their own.
+    idle_timeout: Seconds | None = None
+    wake_timeout: PositiveSeconds | None = None
+    startup_timeout: PositiveSeconds | None = None
+    log_retention_lines: PositiveInt | None = None
+
+
+def _non_empty(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class ServiceTable(_Table):
+    command: Annotated[Template, AfterValidator(_non_empty)]
+    args: list[Template] = []
+    socket: SocketTemplate = ""
+    health: Annotated[str, AfterValidator(_health_path)] = ""
+    env: dict[Annotated[str, AfterValidator(_env_name)], Template] = {}
+    workdir: SocketTemplate = ""
+    inherit_env: bool = False
+    idle_timeout: Seconds | None = None
+    startup_timeout: PositiveSeconds | None = None
+    request_timeout: PositiveSeconds = 30
+    wake_timeout: PositiveSeconds | None = None
+    stop_timeout: PositiveSeconds = 10
+    log_retention_lines: PositiveInt | None = None
+    always_on: list[InstanceId] = []
+    isolation: Literal["process", "namespace", "sandbox"] = "process"
+    memory_limit_mb: PositiveInt | None = None
+    cpu_shares: PositiveInt | None = None
+    storage_quota_mb: PositiveInt | None = None
+    storage_persist: bool = False
+
+
+class ConfigTables(_Table):
+    settings: SettingsTable = SettingsTable()
+    service: dict[ServiceName, ServiceTable] = {}
+    instances: dict[str, list[InstanceId]] = {}
+
+
+@dataclass
+class LoadedConfig:
+    """A validated config with paths resolved and [settings] defaults applied."""
+
+    path: Path
+    settings: SettingsTable
+    data_dir: Path
+    services: dict[str, dict[str, Any]] = field(default_factory=dict)
+    instances: dict[str, list[str]] = field(default_factory=dict)
+    always_on: dict[str, set[str]] = field(default_factory=dict)
+
+    def instance_ids(self, name: str) -> list[str]:
+        """Tenants of a service: [instances] first, then always_on ids not listed there."""
+        ids = list(self.instances.get(name, []))
+        return ids + sorted(self.always_on.get(name, set()) - set(ids))
+
+
+def load_config(path: str | os.PathLike[str], default_data_dir: Path) -> LoadedConfig:
+    """Read and validate a tenement.toml. Raises ConfigError listing every problem."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
+    except UnicodeDecodeError:
+        raise ConfigError(str(path), ["invalid TOML: not UTF-8 text"]) from None
+    try:
+        tables = ConfigTables.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(str(path), [_describe(err) for err in e.errors()]) from None
+    config = _resolve(path.resolve(), tables, default_data_dir)
+    problems = _cross_check(config, tables)
+    if problems:
+        raise ConfigError(str(path), problems)
+    return config
+
+
+def _describe(err: Any) -> str:
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        key = str(err["loc"][-1])
+        model = _model_for(err["loc"][:-1])
+        hint = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
+        suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+        return f"{loc}: unknown key{suggestion}"
+    msg = err["msg"].removeprefix("Value error, ")
+    return f"{loc}: {msg} (got {err['input']!r})"
+
+
+def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    if not loc:
+        return ConfigTables
+    if loc[0] == "settings" and len(loc) == 1:
+        return SettingsTable
+    if loc[0] == "service" and len(loc) == 2:
+        return ServiceTable
+    return None
+
+
+def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> LoadedConfig:
+    s = tables.settings
+    config_dir = path.parent
+    data_dir = Path(s.data_dir) if s.data_dir else default_data_dir
+    data_dir = (config_dir / data_dir).resolve() if not data_dir.is_absolute() else data_dir
+    config = LoadedConfig(path=path, settings=s, data_dir=data_dir)
+    for name, svc in tables.service.items():
+        fields = svc.model_dump(exclude={"always_on"})
+        fields["idle_timeout"] = _first(svc.idle_timeout, s.idle_timeout, DEFAULT_IDLE_TIMEOUT)
+        fields["wake_timeout"] = _first(svc.wake_timeout, s.wake_timeout, DEFAULT_WAKE_TIMEOUT)
+        fields["startup_timeout"] = _first(
+            svc.startup_timeout, s.startup_timeout, DEFAULT_STARTUP_TIMEOUT
+        )
+        fields["log_retention_lines"] = _first(
+            svc.log_retention_lines, s.log_retention_lines, _env_retention()
+        )
+        fields.update(data_dir=str(data_dir), config_dir=str(config_dir), source=str(path))
+        config.services[name] = fields
+        config.always_on[name] = set(svc.always_on)
+    for name, ids in tables.instances.items():
+        config.instances[name] = list(dict.fromkeys(ids))
+    return config
+
+
+def _first(*values: Any) -> Any:
+    return next(v for v in values if v is not None)
+
+
+def _env_retention() -> int:
+    from django.conf import settings
+
+    return int(getattr(settings, "TENEMENT_LOG_RETENTION_LINES", 10_000))
+
+
+def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
+    problems = []
+    if tables.settings.backoff_base_ms > tables.settings.backoff_max_ms:
+        problems.append(
+            f"settings.backoff_base_ms: {tables.settings.backoff_base_ms} is larger than "
+            f"settings.backoff_max_ms ({tables.settings.backoff_max_ms})"
+        )
+    for name, ids in tables.instances.items():
+        if name not in config.services:
+            defined = ", ".join(sorted(config.services)) or "none"
+            problems.append(
+                f"instances.{name}: no [service.{name}] is defined (defined: {defined}) "
+                f"(got {ids!r})"
+            )
+    for name, fields in config.services.items():
+        problems += _check_service(name, fields, config.instance_ids(name))
+    return problems
+
+
+def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
+    problems = []
+    spec = spec_from_fields(name, fields)
+    try:
+        argv = spec.argv("x")
+    except ValueError as e:
+        return [f"service.{name}.command: {e} (got {fields['command']!r})"]
+    program = argv[0] if argv else ""
+    if not program:
+        problems.append(f"service.{name}.command: empty command (got {fields['command']!r})")
+    elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
+        problems.append(f"service.{name}.command: {program!r} not found on PATH")
+    for instance_id in ids:
+        sock = spec.socket_path(instance_id)
+        if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
+            problems.append(
+                f"service.{name}.socket: {sock!r} for instance {instance_id!r} is longer than "
+                f"the {MAX_SOCKET_PATH}-byte Unix socket limit"
+            )
+    return problems
+
+
+def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:
+    return ServiceSpec(
+        name=name,
+        command=fields["command"],
+        data_dir=fields["data_dir"],
+        args=tuple(fields.get("args") or ()),
+        socket=fields.get("socket", ""),
+        health=fields.get("health", ""),
+        env=tuple(sorted((fields.get("env") or {}).items())),
+        workdir=fields.get("workdir", ""),
+        config_dir=fields.get("config_dir", ""),
+        inherit_env=fields.get("inherit_env", False),
+    )

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+from typing import Any
+
+from django.conf import settings
+from django.core.management.base import BaseCommand, CommandError
+
+from instances.config import ConfigError, load_config
+from instances.sync import apply_config
+
+
+class Command(BaseCommand):
+    help = (
+        "Validate a tenement.toml and sync it into the database (idempotent). A running "
+        "supervisor picks the changes up within a second; running instances keep their old "
+        "definition until restarted."
+    )
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument("file", help="Path to tenement.toml")
+        parser.add_argument("--check", action="store_true", help="Only validate; change nothing.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        try:
+            config = load_config(options["file"], settings.TENEMENT_DATA_DIR)
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+        n_instances = sum(len(config.instance_ids(s)) for s in config.services)
+        if options["check"]:
+            self.stdout.write(
+                f"{options['file']}: OK ({len(config.services)} services, "
+                f"{n_instances} instances)"
+            )
+            return
+        for line in apply_config(config).lines():
+            self.stdout.write(line)

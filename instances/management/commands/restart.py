@@ -1,0 +1,3 @@
+from instances.management.actions import RestartCommand as Command
+
+__all__ = ["Command"]

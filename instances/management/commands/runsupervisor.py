@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+from django.conf import settings
+from django.core.management import call_command
+from django.core.management.base import BaseCommand, CommandError
+
+from instances.config import ConfigError, load_config
+from instances.supervisor import Supervisor
+from instances.sync import apply_config, start_config_instances
+from proxy.server import bind_socket, http_task
+
+
+class Command(BaseCommand):
+    help = (
+        "Run tenement: the supervisor (spawn, health-check, restart, idle-stop every instance) "
+        "and the HTTP server, in one process. Stops every instance on SIGTERM/SIGINT."
+    )
+    requires_system_checks: list[str] = []
+
+    def add_arguments(self, parser: Any) -> None:
+        parser.add_argument(
+            "--config", metavar="FILE", default=os.environ.get("TENEMENT_CONFIG") or None,
+            help="tenement.toml to load (synced into the database) and whose [instances] "
+            "are started. Env: TENEMENT_CONFIG.",
+        )
+        parser.add_argument(
+            "--bind", metavar="HOST:PORT",
+            default=os.environ.get("TENEMENT_BIND") or "127.0.0.1:8000",
+            help="Address for HTTP (default 127.0.0.1:8000). Env: TENEMENT_BIND.",
+        )
+        parser.add_argument("--no-http", action="store_true", help="Supervise only; no HTTP.")
+        parser.add_argument(
+            "--domain", metavar="DOMAIN",
+            help="Control host; tenants live at ID.SERVICE.DOMAIN. Env: TENEMENT_DOMAIN.",
+        )
+        parser.add_argument(
+            "--data-dir", metavar="DIR",
+            help="State directory: database, secret key, tenant data. Env: TENEMENT_DATA_DIR.",
+        )
+        parser.add_argument(
+            "--no-migrate", action="store_true", help="Do not apply database migrations first."
+        )
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        if not options["no_migrate"]:
+            self.stdout.write("Applying database migrations...")
+            call_command("migrate", interactive=False, verbosity=0)
+        if options["config"]:
+            self.load(options["config"])
+        extra = {}
+        if not options["no_http"]:
+            try:
+                extra["tenement-http"] = http_task(bind_socket(options["bind"]))
+            except (OSError, ValueError) as e:
+                raise CommandError(str(e)) from None
+            self.stdout.write(f"Listening on http://{options['bind']} (control host "
+                              f"{settings.TENEMENT_DOMAIN})")
+        supervisor = Supervisor(settings.TENEMENT_DATA_DIR, extra_tasks=extra)
+        try:
+            code = asyncio.run(supervisor.run())
+        except RuntimeError as e:
+            raise CommandError(str(e)) from None
+        if code:
+            raise SystemExit(code)
+
+    def load(self, path: str) -> None:
+        try:
+            config = load_config(path, settings.TENEMENT_DATA_DIR)
+        except ConfigError as e:
+            raise CommandError(str(e)) from None
+        report = apply_config(config)
+        started = start_config_instances(config)
+        self.stdout.write(f"Loaded {path}:")
+        for line in report.lines():
+            self.stdout.write(f"  {line}")
+        self.stdout.write(f"  starting {started} instance(s) listed in [instances]")

@@ -1,0 +1,182 @@
+"""Desired state (what operators asked for) and history (what happened).
+
+The supervisor owns the actual-state columns and writes them with queryset
+.update(), which leaves updated_at alone; any bump of updated_at therefore
+means "someone else changed this row" and is what the supervisor watches.
+"""
+
+from __future__ import annotations
+
+import time
+
+from django.core.validators import RegexValidator
+from django.db import models
+
+from instances.ids import LABEL_RE, LABEL_RULE, InstanceKey
+
+label_validator = RegexValidator(rf"\A{LABEL_RE.pattern}\Z", f"Must be {LABEL_RULE}.")
+
+
+class Service(models.Model):
+    """One [service.NAME] table: how to run an app for any tenant."""
+
+    name = models.CharField(max_length=63, unique=True, validators=[label_validator])
+    command = models.TextField()
+    args = models.JSONField(default=list, blank=True)
+    socket = models.TextField(blank=True, help_text="Socket path template; blank = default.")
+    health = models.CharField(max_length=255, blank=True, help_text="HTTP path; blank = connect.")
+    env = models.JSONField(default=dict, blank=True)
+    workdir = models.TextField(blank=True)
+    inherit_env = models.BooleanField(default=False)
+    idle_timeout = models.FloatField(default=0, help_text="Seconds; 0 = never stop for idleness.")
+    startup_timeout = models.FloatField(default=10)
+    request_timeout = models.FloatField(default=30)
+    wake_timeout = models.FloatField(default=30)
+    stop_timeout = models.FloatField(default=10)
+    log_retention_lines = models.PositiveIntegerField(default=10_000)
+    # Accepted now, enforced by later work (isolation and limits).
+    isolation = models.CharField(max_length=32, default="process")
+    memory_limit_mb = models.PositiveIntegerField(null=True, blank=True)
+    cpu_shares = models.PositiveIntegerField(null=True, blank=True)
+    storage_quota_mb = models.PositiveIntegerField(null=True, blank=True)
+    storage_persist = models.BooleanField(default=False)
+    # Where the definition came from, so a config reload never clobbers API-made services.
+    source = models.CharField(max_length=255, blank=True)
+    config_dir = models.TextField(blank=True)
+    data_dir = models.TextField(help_text="Base data directory ({data_dir}).")
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class SupervisorSettings(models.Model):
+    """The [settings] table: one row, read by the supervisor on every config sync."""
+
+    health_check_interval = models.FloatField(default=10)
+    max_restarts = models.PositiveIntegerField(default=3)
+    restart_window = models.FloatField(default=300)
+    backoff_base_ms = models.PositiveIntegerField(default=1000)
+    backoff_max_ms = models.PositiveIntegerField(default=60_000)
+    config_path = models.TextField(blank=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        verbose_name_plural = "supervisor settings"
+
+    def __str__(self) -> str:
+        return f"settings from {self.config_path or 'defaults'}"
+
+    @classmethod
+    def current(cls) -> SupervisorSettings:
+        return cls.objects.filter(pk=1).first() or cls(pk=1)
+
+
+class Instance(models.Model):
+    class Desired(models.TextChoices):
+        RUNNING = "running"
+        STOPPED = "stopped"
+
+    class State(models.TextChoices):
+        STOPPED = "stopped"
+        STARTING = "starting"
+        RUNNING = "running"
+        STOPPING = "stopping"
+        BACKOFF = "backoff"
+        FAILED = "failed"
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="instances")
+    instance_id = models.CharField(max_length=63, validators=[label_validator])
+    desired_state = models.CharField(
+        max_length=16, choices=Desired.choices, default=Desired.STOPPED
+    )
+    state = models.CharField(max_length=16, choices=State.choices, default=State.STOPPED)
+    always_on = models.BooleanField(default=False, help_text="Never stopped for idleness.")
+    restart_requested = models.BooleanField(default=False)
+    pid = models.IntegerField(null=True, blank=True)
+    # With pid, identifies our process across a supervisor crash even if the pid is reused.
+    pid_create_time = models.FloatField(null=True, blank=True)
+    socket_path = models.TextField(blank=True)
+    started_at = models.DateTimeField(null=True, blank=True)
+    last_activity = models.DateTimeField(null=True, blank=True)
+    restart_count = models.PositiveIntegerField(default=0)
+    last_exit_code = models.IntegerField(null=True, blank=True)
+    last_error = models.TextField(blank=True)
+    health_ok = models.BooleanField(null=True)
+    health_checked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        ordering = ["service__name", "instance_id"]
+        constraints = [
+            models.UniqueConstraint(fields=["service", "instance_id"], name="unique_instance"),
+        ]
+
+    def __str__(self) -> str:
+        return str(self.key)
+
+    @property
+    def key(self) -> InstanceKey:
+        return InstanceKey(self.service.name, self.instance_id)
+
+    def uptime_seconds(self, now: float | None = None) -> float | None:
+        if self.state != self.State.RUNNING or self.started_at is None:
+            return None
+        return max(0.0, (now or time.time()) - self.started_at.timestamp())
+
+    def idle_seconds(self, now: float | None = None) -> float | None:
+        if self.state != self.State.RUNNING or self.last_activity is None:
+            return None
+        return max(0.0, (now or time.time()) - self.last_activity.timestamp())
+
+
+class Event(models.Model):
+    """One lifecycle transition or notable happening, for the dashboard and `ps`."""
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="events")
+    time = models.DateTimeField(auto_now_add=True, db_index=True)
+    kind = models.CharField(max_length=32)
+    from_state = models.CharField(max_length=16, blank=True)
+    to_state = models.CharField(max_length=16, blank=True)
+    message = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind}: {self.message}"
+
+
+class LogLine(models.Model):
+    class Stream(models.TextChoices):
+        STDOUT = "stdout"
+        STDERR = "stderr"
+
+    instance = models.ForeignKey(Instance, on_delete=models.CASCADE, related_name="log_lines")
+    stream = models.CharField(max_length=6, choices=Stream.choices)
+    time = models.DateTimeField()
+    text = models.TextField()
+
+    class Meta:
+        ordering = ["id"]
+        indexes = [models.Index(fields=["instance", "id"], name="logline_instance_id")]
+
+    def __str__(self) -> str:
+        return self.text
+
+
+class SupervisorHeartbeat(models.Model):
+    """Lets the CLI tell "no supervisor is running" from "the supervisor is slow"."""
+
+    pid = models.IntegerField()
+    hostname = models.CharField(max_length=255)
+    started_at = models.DateTimeField()
+    beat_at = models.DateTimeField()
+
+    def __str__(self) -> str:
+        return f"supervisor pid {self.pid}"

@@ -1,0 +1,701 @@
+"""The supervisor: one asyncio loop that owns every instance's lifecycle.
+
+States: stopped -> starting -> running -> stopping -> stopped, plus backoff and
+failed. Each tick method does one unit of work and says whether it did anything,
+so tests can drive single ticks without sleeping.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from django.utils import timezone
+
+from instances.ids import InstanceKey
+from instances.models import Instance, SupervisorSettings
+from instances.spec import ServiceSpec
+from instances.supervisor import health, process, store
+from instances.supervisor.backoff import RestartPolicy
+from instances.supervisor.logs import LogCollector
+from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
+from instances.supervisor.signals import stop_on_signals
+
+log = logging.getLogger("tenement.supervisor")
+
+SYNC_INTERVAL = 1.0  # other processes' changes take effect within this
+ACTIVITY_FLUSH_INTERVAL = 5.0
+HEARTBEAT_INTERVAL = 5.0
+HEALTH_FAILURES_BEFORE_RESTART = 3
+MAX_HEALTH_TIMEOUT = 5.0
+MAX_CONCURRENT_HEALTH_CHECKS = 64
+SHUTDOWN_SLACK = 5.0
+
+
+class InstanceUnavailable(Exception):
+    """A wake could not produce a running instance (unknown, failed, or timed out)."""
+
+
+class Supervisor:
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        extra_tasks: dict[str, Callable[[Supervisor], Awaitable[None]]] | None = None,
+    ) -> None:
+        self.data_dir = data_dir
+        self.clock = clock
+        self.extra_tasks = extra_tasks or {}
+        self.runtimes: dict[InstanceKey, Runtime] = {}
+        self.by_pk: dict[int, Runtime] = {}
+        self.settings = SupervisorSettings()
+        self.logs = LogCollector()
+        self.stop_event = asyncio.Event()
+        self.wakeup = asyncio.Event()
+        self.watermark: datetime = timezone.now()
+        self.started_at = timezone.now()
+        self._next_sync = 0.0
+        self._next_activity_flush = 0.0
+        self._next_beat = 0.0
+        self._health_gate = asyncio.Semaphore(MAX_CONCURRENT_HEALTH_CHECKS)
+        self._lock_file: Any = None
+        self._helpers: set[asyncio.Task[Any]] = set()
+
+    # ---- top level -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until SIGTERM/SIGINT or stop_event; stop every instance before returning."""
+        loop = asyncio.get_running_loop()
+        with stop_on_signals(loop, self.stop_event), self.data_dir_lock():
+            await self.startup()
+            try:
+                return await self.serve()
+            finally:
+                await self.shutdown()
+
+    @contextlib.contextmanager
+    def data_dir_lock(self) -> Any:
+        """One supervisor per data dir: two would each start a copy of every instance."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        path = self.data_dir / "supervisor.lock"
+        f = open(path, "a+")  # noqa: SIM115 - held for the supervisor's lifetime
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise RuntimeError(
+                f"another supervisor (pid {holder}) is using {self.data_dir}; stop it first"
+            ) from None
+        f.truncate(0)
+        f.write(str(os.getpid()))
+        f.flush()
+        try:
+            yield
+        finally:
+            f.close()
+
+    async def startup(self) -> None:
+        await self.recover()
+        await self.load()
+        await store.beat(self.started_at)
+        log.info("supervisor started: %d instances registered", len(self.runtimes))
+
+    async def serve(self) -> int:
+        """Run the named background tasks; if one dies, stop everything (exit code 1)."""
+        factories: dict[str, Callable[[], Awaitable[None]]] = {
+            "tenement-reconcile": self.reconcile_loop,
+            "tenement-health": self.health_loop,
+            "tenement-log-flush": self.log_loop,
+        }
+        for name, make in self.extra_tasks.items():
+            factories[name] = lambda make=make: make(self)
+        tasks = [asyncio.create_task(make(), name=name) for name, make in factories.items()]
+        stopper = asyncio.create_task(self.stop_event.wait(), name="tenement-stop-wait")
+        try:
+            done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in [*tasks, stopper]:
+                task.cancel()
+            await asyncio.gather(*tasks, stopper, return_exceptions=True)
+        if self.stop_event.is_set():
+            return 0  # loops return on their own once stop is set
+        for task in done:
+            exc = task.exception() if not task.cancelled() else None
+            log.error("task %s stopped unexpectedly: %r", task.get_name(), exc)
+        return 1
+
+    async def shutdown(self) -> None:
+        """Stop every instance, bounded by the longest stop_timeout plus slack."""
+        live = [rt for rt in self.runtimes.values() if rt.proc is not None or rt.busy]
+        if live:
+            log.info("stopping %d instances", len(live))
+        deadline = max((rt.spec.stop_timeout for rt in live), default=0) + SHUTDOWN_SLACK
+        for rt in live:
+            self.request_stop(rt, "shutdown")
+        pending = [t for rt in live for t in (rt.task, rt.stop_task) if t is not None]
+        pending += list(self._helpers)
+        if pending:
+            _done, late = await asyncio.wait(pending, timeout=deadline)
+            for task in late:
+                log.warning("shutdown deadline passed; cancelling %s", task.get_name())
+                task.cancel()
+        await self.logs.flush()
+        await self.flush_activity(force=True)
+        await store.clear_heartbeat()
+        log.info("supervisor stopped")
+
+    # ---- loops ---------------------------------------------------------------------
+
+    async def reconcile_loop(self) -> None:
+        while not self.stop_event.is_set():
+            await self.tick()
+            await self.wait_for_wakeup(self.seconds_until_next_deadline())
+
+    async def health_loop(self) -> None:
+        while not self.stop_event.is_set():
+            await self.check_health()
+            await self.wait_for_wakeup(self.seconds_until_health_due(), wake=False)
+
+    def seconds_until_health_due(self) -> float:
+        interval = self.settings.health_check_interval
+        now = self.clock()
+        due = [rt.next_health - now for rt in self.runtimes.values() if rt.state == State.RUNNING]
+        # New instances become due a full interval after they start, so `interval` is a safe cap.
+        return max(0.01, min([interval, *due]))
+
+    async def log_loop(self) -> None:
+        while not self.stop_event.is_set():
+            await self.logs.flush()
+            full = asyncio.create_task(self.logs.full.wait(), name="tenement-log-full")
+            stop = asyncio.create_task(self.stop_event.wait(), name="tenement-log-stop")
+            _, pending = await asyncio.wait(
+                [full, stop], timeout=0.25, return_when=asyncio.FIRST_COMPLETED
+            )
+            for task in pending:
+                task.cancel()
+
+    async def wait_for_wakeup(self, timeout: float, *, wake: bool = True) -> None:
+        """Wait for stop, a poke (if `wake`), or the timeout; never a bare sleep."""
+        waiters = [asyncio.create_task(self.stop_event.wait(), name="tenement-wait-stop")]
+        if wake:
+            waiters.append(asyncio.create_task(self.wakeup.wait(), name="tenement-wait-poke"))
+        try:
+            await asyncio.wait(waiters, timeout=max(0.0, timeout), return_when="FIRST_COMPLETED")
+        finally:
+            for task in waiters:
+                task.cancel()
+        if wake:
+            self.wakeup.clear()
+
+    def poke(self) -> None:
+        """Ask the reconcile loop to run now (a change, a finished start or stop)."""
+        self.wakeup.set()
+
+    def seconds_until_next_deadline(self) -> float:
+        now = self.clock()
+        due = [self._next_sync, self._next_activity_flush, self._next_beat]
+        for rt in self.runtimes.values():
+            if rt.state == State.BACKOFF:
+                due.append(rt.backoff_until)
+            elif rt.state == State.RUNNING and rt.spec.idle_timeout > 0:
+                due.append(rt.last_activity + rt.spec.idle_timeout)
+        return min(d - now for d in due)
+
+    async def tick(self) -> bool:
+        """One pass of everything that is due; returns whether anything happened."""
+        now = self.clock()
+        did = False
+        if now >= self._next_sync:
+            self._next_sync = now + SYNC_INTERVAL
+            did |= await self.sync_desired()
+        did |= self.reconcile()
+        did |= await self.reap_idle()
+        if now >= self._next_activity_flush:
+            self._next_activity_flush = now + ACTIVITY_FLUSH_INTERVAL
+            did |= await self.flush_activity()
+        if now >= self._next_beat:
+            self._next_beat = now + HEARTBEAT_INTERVAL
+            await store.beat(self.started_at)
+        return did
+
+    # ---- desired state ------------------------------------------------------------
+
+    async def load(self) -> None:
+        self.settings = await store.load_settings()
+        self.watermark = timezone.now()
+        for row in await store.load_instances():
+            self.add_runtime(row)
+
+    def add_runtime(self, row: Instance) -> Runtime:
+        key = InstanceKey(row.service.name, row.instance_id)
+        rt = Runtime(
+            pk=row.pk,
+            key=key,
+            spec=ServiceSpec.from_model(row.service),
+            policy=self.new_policy(),
+            desired=row.desired_state,
+            state=row.state,
+            always_on=row.always_on,
+            seen_version=row.updated_at,
+        )
+        rt.restart_pending = row.restart_requested
+        self.runtimes[key] = rt
+        self.by_pk[rt.pk] = rt
+        return rt
+
+    def new_policy(self) -> RestartPolicy:
+        s = self.settings
+        return RestartPolicy(s.max_restarts, s.restart_window, s.backoff_base_ms, s.backoff_max_ms)
+
+    async def sync_desired(self) -> bool:
+        """Pick up changes other processes made to the database since the last look."""
+        started = timezone.now()
+        changes = await store.changes_since(self.watermark)
+        self.watermark = started
+        did = self.apply_settings(changes.settings)
+        specs = {s.name: ServiceSpec.from_model(s) for s in changes.services}
+        for rt in self.runtimes.values():
+            if rt.key.service in specs and rt.spec != specs[rt.key.service]:
+                rt.spec = specs[rt.key.service]
+                did = True
+        for row in changes.instances:
+            did |= await self.apply_row(row)
+        if changes.instance_count != len(self.runtimes):
+            did |= await self.drop_deleted()
+        return did
+
+    def apply_settings(self, current: SupervisorSettings) -> bool:
+        fields = ("health_check_interval", "max_restarts", "restart_window",
+                  "backoff_base_ms", "backoff_max_ms")
+        if all(getattr(current, f) == getattr(self.settings, f) for f in fields):
+            return False
+        self.settings = current
+        for rt in self.runtimes.values():
+            history = rt.policy.history
+            rt.policy = self.new_policy()
+            rt.policy.history = history
+        return True
+
+    async def apply_row(self, row: Instance) -> bool:
+        rt = self.by_pk.get(row.pk)
+        if rt is None:
+            self.add_runtime(row)
+            return True
+        if row.updated_at == rt.seen_version:
+            return False
+        rt.seen_version = row.updated_at
+        rt.desired = row.desired_state
+        rt.always_on = row.always_on
+        rt.spec = ServiceSpec.from_model(row.service)
+        if row.restart_requested:
+            rt.restart_pending = True
+            await store.clear_restart_request(rt.pk)
+        if rt.state == State.FAILED and rt.desired == Desired.RUNNING:
+            await self.clear_failed(rt, "manual start")
+        return True
+
+    async def clear_failed(self, rt: Runtime, why: str) -> None:
+        rt.policy.reset()
+        await self.set_state(rt, State.STOPPED, "reset", f"failed state cleared by {why}")
+
+    async def drop_deleted(self) -> bool:
+        present = {row.pk for row in await store.load_instances()}
+        gone = [rt for rt in self.runtimes.values() if rt.pk not in present]
+        for rt in gone:
+            log.info("%s was deregistered; stopping it", rt.key)
+            self.request_stop(rt, "removed")
+            del self.runtimes[rt.key]
+            del self.by_pk[rt.pk]
+        return bool(gone)
+
+    # ---- reconcile ------------------------------------------------------------------
+
+    def reconcile(self) -> bool:
+        """Start or stop whatever differs from desired state. Returns whether it acted."""
+        now = self.clock()
+        acted = False
+        for rt in list(self.runtimes.values()):
+            if rt.busy:
+                continue
+            action = self.decide(rt, now)
+            if action == "start":
+                self.start(rt)
+            elif action == "stop":
+                self.request_stop(rt, "manual")
+            elif action == "restart":
+                rt.restart_pending = False
+                self.request_stop(rt, "restart")
+            elif action == "settle":
+                self.spawn_helper(self.set_state(rt, State.STOPPED, "stopped", "desired stopped"))
+            acted |= action is not None
+        return acted
+
+    @staticmethod
+    def decide(rt: Runtime, now: float) -> str | None:
+        """The reconcile rule for one idle (not busy) instance, as a pure function."""
+        if rt.state == State.FAILED:
+            return None
+        if rt.desired == Desired.STOPPED:
+            if rt.state == State.RUNNING:
+                return "stop"
+            return "settle" if rt.state == State.BACKOFF else None
+        if rt.state == State.RUNNING:
+            return "restart" if rt.restart_pending else None
+        if rt.state == State.BACKOFF and now < rt.backoff_until:
+            return None
+        return "start"
+
+    def spawn_helper(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._helpers.add(task)
+        task.add_done_callback(self._helpers.discard)
+
+    # ---- lifecycle of one process -----------------------------------------------------
+
+    def start(self, rt: Runtime) -> asyncio.Task[None]:
+        """Begin a start attempt; the task owns the process until it exits."""
+        rt.stopping = rt.failure = None
+        rt.restart_pending = False
+        rt.task = asyncio.create_task(self.lifecycle(rt), name=f"instance {rt.key}")
+        return rt.task
+
+    async def lifecycle(self, rt: Runtime) -> None:
+        try:
+            await self.run_process(rt)
+        except Exception as e:
+            # A bug here must not become a tight restart loop: treat it as a failed start.
+            log.exception("%s: internal error in its lifecycle", rt.key)
+            if rt.proc is not None:
+                await process.terminate(rt.proc, rt.spec.stop_timeout)
+            await self.handle_failure(rt, f"internal error: {e!r}")
+        finally:
+            rt.proc = None
+            rt.ready.clear()
+            rt.notify()
+            self.poke()
+
+    async def run_process(self, rt: Runtime) -> None:
+        """Spawn, gate on readiness, wait for the exit, then record what happened."""
+        proc = await self.spawn_process(rt)
+        if proc is None:
+            return
+        if await self.await_ready(rt, proc):
+            await self.mark_running(rt)
+            await proc.wait()
+        elif rt.stopping is None and proc.returncode is None:
+            # (If it already exited, after_exit reports how: that is the real reason.)
+            rt.failure = f"not healthy within startup_timeout ({rt.spec.startup_timeout:g}s)"
+            await process.terminate(proc, rt.spec.stop_timeout)
+        code = await proc.wait()
+        await self.after_exit(rt, code)
+
+    async def spawn_process(self, rt: Runtime) -> asyncio.subprocess.Process | None:
+        await self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
+        try:
+            proc = await process.spawn(rt.spec, rt.key.instance_id)
+        except (process.SpawnError, ValueError) as e:
+            await self.handle_failure(rt, str(e))
+            return None
+        rt.proc = proc
+        rt.started_at = self.clock()
+        await store.update(
+            rt.pk,
+            pid=proc.pid,
+            pid_create_time=process.create_time(proc.pid),
+            socket_path=rt.spec.socket_path(rt.key.instance_id),
+            started_at=timezone.now(),
+        )
+        self.attach_logs(rt, proc)
+        if rt.stopping:  # a stop arrived while we were spawning
+            await process.terminate(proc, rt.spec.stop_timeout)
+        return proc
+
+    def attach_logs(self, rt: Runtime, proc: asyncio.subprocess.Process) -> None:
+        self.logs.retention[rt.pk] = rt.spec.log_retention_lines
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            if pipe is not None:
+                self.spawn_helper(self.logs.capture(rt.pk, name, pipe))
+
+    async def await_ready(self, rt: Runtime, proc: asyncio.subprocess.Process) -> bool:
+        """Probe until the first healthy answer, the process exits, a stop, or the deadline."""
+        deadline = self.clock() + rt.spec.startup_timeout
+        delay = 0.002
+        exited = asyncio.create_task(proc.wait(), name=f"exit-watch {rt.key}")
+        try:
+            while not exited.done() and not rt.stopping:
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                result = await health.check(
+                    rt.spec.socket_path(rt.key.instance_id),
+                    rt.spec.health,
+                    min(left, MAX_HEALTH_TIMEOUT),
+                )
+                if result.ok:
+                    return True
+                # Wait for the process to exit or the next probe, whichever comes first.
+                await asyncio.wait([exited], timeout=min(delay, max(0.0, left)))
+                delay = min(delay * 1.5, 0.05)
+            return False
+        finally:
+            exited.cancel()
+
+    async def mark_running(self, rt: Runtime) -> None:
+        rt.last_activity = rt.activity_reported = self.clock()
+        rt.health_failures = 0
+        rt.health_ok = True
+        rt.next_health = self.clock() + self.settings.health_check_interval
+        took = (self.clock() - rt.started_at) * 1000
+        await self.set_state(
+            rt, State.RUNNING, "ready", f"ready in {took:.0f} ms (pid {rt.proc.pid if rt.proc else '?'})",
+            health_ok=True, health_checked_at=timezone.now(), last_activity=timezone.now(),
+            last_error="",
+        )
+        rt.ready.set()
+        rt.notify()
+
+    async def after_exit(self, rt: Runtime, code: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rt.spec.socket_path(rt.key.instance_id))
+        how = process.describe_exit(code)
+        if rt.stopping in EXPECTED_STOPS:
+            await self.set_state(
+                rt, State.STOPPED, "stopped", f"stopped ({rt.stopping}): {how}",
+                pid=None, last_exit_code=code,
+            )
+            return
+        reason = rt.failure or f"crashed: {how}"
+        await store.update(rt.pk, last_exit_code=code)
+        await self.handle_failure(rt, reason)
+
+    async def handle_failure(self, rt: Runtime, reason: str) -> None:
+        """A crash or failed start: back off and retry, or give up as failed."""
+        delay = rt.policy.next_delay(self.clock())
+        if delay is None:
+            log.error("%s failed: %s; restarted too often, giving up", rt.key, reason)
+            await self.set_state(
+                rt, State.FAILED, "failed",
+                f"{reason}; more than {self.settings.max_restarts} restarts in "
+                f"{self.settings.restart_window:g}s: giving up until a manual start",
+                pid=None, last_error=reason,
+            )
+            return
+        rt.backoff_until = self.clock() + delay
+        log.warning("%s: %s; restarting in %.2fs", rt.key, reason, delay)
+        await self.set_state(
+            rt, State.BACKOFF, "backoff", f"{reason}; restarting in {delay:.2f}s",
+            pid=None, last_error=reason, restart_count=_plus_one(),
+        )
+
+    def request_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None] | None:
+        """Stop an instance for `reason`; returns the task, or None if nothing to stop."""
+        if rt.stop_task is not None and not rt.stop_task.done():
+            return rt.stop_task
+        rt.stopping = reason
+        rt.ready.clear()
+        if rt.task is None or rt.task.done():
+            if rt.state == State.BACKOFF:
+                self.spawn_helper(self.set_state(rt, State.STOPPED, "stopped", reason))
+            return None
+        rt.stop_task = asyncio.create_task(self.stop(rt, reason), name=f"stop {rt.key}")
+        return rt.stop_task
+
+    async def stop(self, rt: Runtime, reason: str) -> None:
+        # With no process yet, spawn_process sees rt.stopping and stops what it starts.
+        if rt.proc is not None:
+            await self.set_state(rt, State.STOPPING, "stopping", f"stopping ({reason})")
+            await process.terminate(rt.proc, rt.spec.stop_timeout)
+        if rt.task is not None:
+            await rt.task
+
+    # ---- periodic duties --------------------------------------------------------------
+
+    async def check_health(self) -> bool:
+        """Health-check every running instance that is due. Returns whether any ran."""
+        now = self.clock()
+        due = [
+            rt for rt in self.runtimes.values()
+            if rt.state == State.RUNNING and rt.stopping is None and now >= rt.next_health
+        ]
+        if due:
+            await asyncio.gather(*(self.check_one(rt) for rt in due))
+        return bool(due)
+
+    async def check_one(self, rt: Runtime) -> None:
+        interval = self.settings.health_check_interval
+        rt.next_health = self.clock() + interval
+        async with self._health_gate:
+            result = await health.check(
+                rt.spec.socket_path(rt.key.instance_id), rt.spec.health,
+                min(interval, MAX_HEALTH_TIMEOUT),
+            )
+        if rt.state != State.RUNNING or rt.stopping:
+            return  # it was stopped while we were checking
+        if result.ok:
+            await self.health_passed(rt)
+        else:
+            await self.health_failed(rt, result.detail)
+
+    async def health_passed(self, rt: Runtime) -> None:
+        rt.health_failures = 0
+        if rt.health_ok is not True:
+            rt.health_ok = True
+            await store.update(rt.pk, health_ok=True, health_checked_at=timezone.now())
+
+    async def health_failed(self, rt: Runtime, detail: str) -> None:
+        rt.health_failures += 1
+        rt.health_ok = False
+        n = rt.health_failures
+        await store.update(rt.pk, health_ok=False, health_checked_at=timezone.now())
+        await store.record_event(
+            rt.pk, "health_failed", f"health check failed ({n}/{HEALTH_FAILURES_BEFORE_RESTART}): {detail}"
+        )
+        if n >= HEALTH_FAILURES_BEFORE_RESTART and rt.proc is not None:
+            rt.failure = f"unhealthy: {n} consecutive health checks failed ({detail})"
+            # Not an expected stop: the exit goes through the restart policy.
+            await process.terminate(rt.proc, rt.spec.stop_timeout)
+
+    async def reap_idle(self) -> bool:
+        """Stop instances idle past idle_timeout with no open connection."""
+        now = self.clock()
+        reaped = False
+        for rt in list(self.runtimes.values()):
+            if not self.is_idle(rt, now):
+                continue
+            stopped = await store.update_if_unchanged(
+                rt.pk, rt.seen_version, desired_state=Desired.STOPPED
+            )
+            if not stopped:
+                continue  # an operator changed it meanwhile; sync will pick that up
+            rt.desired = Desired.STOPPED
+            log.info("%s idle for %.0fs; stopping", rt.key, rt.idle_for(now))
+            self.request_stop(rt, "idle")
+            reaped = True
+        return reaped
+
+    @staticmethod
+    def is_idle(rt: Runtime, now: float) -> bool:
+        return (
+            rt.state == State.RUNNING
+            and rt.stopping is None
+            and not rt.always_on
+            and rt.spec.idle_timeout > 0
+            and rt.open_connections == 0
+            and rt.idle_for(now) >= rt.spec.idle_timeout
+        )
+
+
+    async def flush_activity(self, force: bool = False) -> bool:
+        """Copy last-activity stamps to the database in one batch, for display only."""
+        now_mono, now_wall = self.clock(), time.time()
+        stamps = {
+            rt.pk: now_wall - (now_mono - rt.last_activity)
+            for rt in self.runtimes.values()
+            if rt.last_activity > rt.activity_reported or (force and rt.last_activity)
+        }
+        for rt in self.runtimes.values():
+            rt.activity_reported = max(rt.activity_reported, rt.last_activity)
+        if stamps:
+            await store.save_activity(stamps)
+        return bool(stamps)
+
+    # ---- what the proxy calls ----------------------------------------------------------
+
+    def touch(self, key: InstanceKey) -> None:
+        """Record a request for `key`: it is not idle."""
+        if rt := self.runtimes.get(key):
+            rt.last_activity = self.clock()
+
+    def connection_opened(self, key: InstanceKey) -> None:
+        if rt := self.runtimes.get(key):
+            rt.open_connections += 1
+            rt.last_activity = self.clock()
+
+    def connection_closed(self, key: InstanceKey) -> None:
+        if rt := self.runtimes.get(key):
+            rt.open_connections = max(0, rt.open_connections - 1)
+            # The idle timer counts from when the last connection closed.
+            rt.last_activity = self.clock()
+
+    async def wake(self, key: InstanceKey, timeout: float | None = None) -> Runtime:
+        """Make sure `key` is running and ready; raise InstanceUnavailable if it cannot be."""
+        rt = self.runtimes.get(key)
+        if rt is None:
+            raise InstanceUnavailable(f"{key} is not registered")
+        if rt.state == State.FAILED:
+            raise InstanceUnavailable(f"{key} is failed (crash loop); start it manually")
+        rt.last_activity = self.clock()
+        if rt.ready.is_set():
+            return rt
+        await self.want_running(rt)
+        limit = rt.spec.wake_timeout if timeout is None else timeout
+        try:
+            async with asyncio.timeout(limit):
+                while not rt.ready.is_set():
+                    changed = rt.changed
+                    if rt.state == State.FAILED and not rt.busy:
+                        raise InstanceUnavailable(f"{key} failed: {rt.failure or 'crash loop'}")
+                    if rt.state == State.STOPPED and not rt.busy:
+                        # Start now rather than on the next tick: the request is waiting.
+                        self.start(rt)
+                    # A backoff is respected; the reconcile loop restarts it when due.
+                    await changed.wait()
+        except TimeoutError:
+            raise InstanceUnavailable(f"{key} not ready within {limit:g}s") from None
+        return rt
+
+    async def halt(self, key: InstanceKey) -> None:
+        """Operator stop from inside this process: desired stopped, then stop and wait."""
+        rt = self.runtimes[key]
+        rt.desired = Desired.STOPPED
+        await store.update(rt.pk, desired_state=Desired.STOPPED)
+        if task := self.request_stop(rt, "manual"):
+            await task
+
+    async def want_running(self, rt: Runtime) -> None:
+        if rt.desired == Desired.RUNNING:
+            return
+        rt.desired = Desired.RUNNING
+        await store.update_if_unchanged(rt.pk, rt.seen_version, desired_state=Desired.RUNNING)
+
+    # ---- persistence ------------------------------------------------------------------
+
+    async def set_state(self, rt: Runtime, new: str, kind: str, message: str, **fields: Any) -> None:
+        old, rt.state = rt.state, new
+        rt.notify()
+        log.info("%s %s -> %s: %s", rt.key, old, new, message)
+        await store.transition(rt.pk, old, new, kind, message, **fields)
+
+    async def recover(self) -> int:
+        """After a supervisor crash: kill processes we started that are still alive.
+
+        The pid alone is not proof (it may have been reused), so pid and start
+        time must both match. Returns how many processes were killed.
+        """
+        killed = 0
+        for row in await store.leftovers():
+            state = Instance.State.FAILED if row.state == Instance.State.FAILED else Instance.State.STOPPED
+            if row.pid and process.is_our_orphan(row.pid, row.pid_create_time):
+                log.warning("%s: killing pid %s left by a previous supervisor", row, row.pid)
+                await process.kill_orphan(row.pid, row.service.stop_timeout)
+                await store.record_event(row.pk, "recovered", f"killed leftover pid {row.pid}")
+                killed += 1
+            await store.update(row.pk, state=state, pid=None, pid_create_time=None)
+        return killed
+
+
+def _plus_one() -> Any:
+    from django.db.models import F
+
+    return F("restart_count") + 1

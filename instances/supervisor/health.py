@@ -1,0 +1,76 @@
+"""Health checks over a Unix socket: a real HTTP/1.1 exchange, always under a timeout."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import NamedTuple
+
+import h11
+
+MAX_RESPONSE_HEAD = 64 * 1024
+
+
+class HealthResult(NamedTuple):
+    ok: bool
+    detail: str
+
+
+async def check(socket_path: str, path: str, timeout: float) -> HealthResult:
+    """GET `path` (2xx is healthy); with no path, a successful connect is enough."""
+    try:
+        async with asyncio.timeout(timeout):
+            if not path:
+                return await _connect_only(socket_path)
+            return await _http_get(socket_path, path)
+    except TimeoutError:
+        return HealthResult(False, f"no answer within {timeout:g}s")
+    except (OSError, h11.ProtocolError) as e:
+        return HealthResult(False, _describe_error(e))
+
+
+def _describe_error(e: Exception) -> str:
+    if isinstance(e, FileNotFoundError):
+        return "socket does not exist yet"
+    if isinstance(e, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(e, h11.ProtocolError):
+        return f"invalid HTTP response: {e}"
+    return f"{type(e).__name__}: {e}"
+
+
+async def _connect_only(socket_path: str) -> HealthResult:
+    _reader, writer = await asyncio.open_unix_connection(socket_path)
+    writer.close()
+    await writer.wait_closed()
+    return HealthResult(True, "socket accepts connections")
+
+
+async def _http_get(socket_path: str, path: str) -> HealthResult:
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    try:
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
+        request = h11.Request(
+            method="GET",
+            target=path,
+            headers=[("Host", "localhost"), ("Connection", "close"), ("User-Agent", "tenement")],
+        )
+        writer.write(conn.send(request) + conn.send(h11.EndOfMessage()))
+        await writer.drain()
+        status = await _read_status(conn, reader)
+    finally:
+        writer.close()
+    if 200 <= status < 300:
+        return HealthResult(True, f"HTTP {status}")
+    return HealthResult(False, f"HTTP {status}")
+
+
+async def _read_status(conn: h11.Connection, reader: asyncio.StreamReader) -> int:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(16384))
+            continue
+        if isinstance(event, h11.Response):
+            return event.status_code
+        if isinstance(event, h11.ConnectionClosed):
+            raise h11.RemoteProtocolError("connection closed before a response")

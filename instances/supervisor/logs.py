@@ -1,0 +1,91 @@
+"""Log capture: app stdout/stderr, line by line, written to LogLine in batches."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from asgiref.sync import sync_to_async
+
+from instances.models import LogLine
+from instances.supervisor.process import READ_LIMIT
+
+log = logging.getLogger("tenement.logs")
+
+MAX_LINE_CHARS = 16 * 1024
+FLUSH_INTERVAL = 0.25
+FLUSH_BATCH = 2000
+
+
+@dataclass(frozen=True)
+class CapturedLine:
+    instance_pk: int
+    stream: str
+    time: datetime
+    text: str
+
+
+class LogCollector:
+    """Buffers lines from many readers; one bulk insert per flush, not one write per line."""
+
+    def __init__(self) -> None:
+        self.buffer: list[CapturedLine] = []
+        self.full = asyncio.Event()
+        # Rows per instance since the last trim, so retention costs no COUNT per flush.
+        self.stored: dict[int, int] = {}
+        self.retention: dict[int, int] = {}
+
+    async def capture(self, instance_pk: int, stream: str, reader: asyncio.StreamReader) -> None:
+        """Read one pipe until EOF (the app exited or closed it)."""
+        while line := await _read_line(reader):
+            text = line.decode("utf-8", "replace").rstrip("\r\n").replace("\x00", "")
+            self.add(instance_pk, stream, text[:MAX_LINE_CHARS])
+
+    def add(self, instance_pk: int, stream: str, text: str) -> None:
+        self.buffer.append(CapturedLine(instance_pk, stream, datetime.now(UTC), text))
+        if len(self.buffer) >= FLUSH_BATCH:
+            self.full.set()
+
+    async def flush(self) -> bool:
+        """Write what is buffered and apply retention. Returns whether anything was written."""
+        self.full.clear()
+        if not self.buffer:
+            return False
+        batch, self.buffer = self.buffer, []
+        await sync_to_async(self._write)(batch)
+        return True
+
+    def _write(self, batch: list[CapturedLine]) -> None:
+        rows = [LogLine(instance_id=c.instance_pk, stream=c.stream, time=c.time, text=c.text)
+                for c in batch]
+        LogLine.objects.bulk_create(rows, batch_size=500)
+        for pk in {c.instance_pk for c in batch} - self.stored.keys():
+            # First sight since start-up: count what earlier runs left, once.
+            self.stored[pk] = LogLine.objects.filter(instance_id=pk).count() - sum(
+                1 for c in batch if c.instance_pk == pk
+            )
+        for c in batch:
+            self.stored[c.instance_pk] = self.stored.get(c.instance_pk, 0) + 1
+        for pk in {c.instance_pk for c in batch}:
+            self._trim(pk)
+
+    def _trim(self, instance_pk: int) -> None:
+        keep = self.retention.get(instance_pk, 10_000)
+        # Trim in steps of ~10% so retention is amortised, not a DELETE per flush.
+        if self.stored[instance_pk] <= keep + max(1, keep // 10):
+            return
+        qs = LogLine.objects.filter(instance_id=instance_pk)
+        cutoff = qs.order_by("-id").values_list("id", flat=True)[keep : keep + 1].first()
+        if cutoff is not None:
+            qs.filter(id__lte=cutoff).delete()
+        self.stored[instance_pk] = qs.count()
+
+
+async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    try:
+        return await reader.readline()
+    except ValueError:
+        # A line longer than the pipe's buffer limit: take what is there as one line.
+        return await reader.read(READ_LIMIT)

@@ -1,0 +1,174 @@
+"""Starting and stopping one app process group, and cleaning up after a crash."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import psutil
+
+from instances.spec import ServiceSpec
+
+log = logging.getLogger("tenement.supervisor")
+
+# Log lines longer than this are split; keeps one chatty app from ballooning memory.
+READ_LIMIT = 64 * 1024
+
+
+class SpawnError(Exception):
+    """The process could not be started at all (missing command, bad workdir...)."""
+
+
+def prepare_dirs(spec: ServiceSpec, instance_id: str) -> Path:
+    """Create the tenant's data dir (0700) and the socket's folder; drop a stale socket."""
+    data = spec.instance_dir(instance_id)
+    data.mkdir(parents=True, exist_ok=True, mode=0o700)
+    socket = Path(spec.socket_path(instance_id))
+    socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with contextlib.suppress(FileNotFoundError):
+        socket.unlink()
+    return data
+
+
+def resolve_program(argv: list[str], env: dict[str, str], cwd: Path) -> str:
+    program = argv[0]
+    if "/" in program:
+        path = program if os.path.isabs(program) else str(cwd / program)
+        if not os.access(path, os.X_OK):
+            raise SpawnError(f"command not found or not executable: {program}")
+        return path
+    found = shutil.which(program, path=env.get("PATH", os.defpath))
+    if not found:
+        raise SpawnError(f"command not found on PATH: {program}")
+    return found
+
+
+def use_pidfd_child_watcher() -> None:
+    """On 3.11 asyncio waits for each child in a thread of its own; pidfds need none."""
+    if sys.version_info >= (3, 12) or not hasattr(os, "pidfd_open"):
+        return  # 3.12+ already uses pidfds by default
+    policy = asyncio.get_event_loop_policy()
+    loop = asyncio.get_running_loop()
+    watcher = policy.get_child_watcher()
+    if not isinstance(watcher, asyncio.PidfdChildWatcher):
+        watcher = asyncio.PidfdChildWatcher()
+        policy.set_child_watcher(watcher)
+    # attach_loop() drops every pending exit callback, so only (re)attach for a new loop.
+    if _attached.get("loop") is not loop:
+        watcher.attach_loop(loop)
+        _attached["loop"] = loop
+
+
+_attached: dict[str, asyncio.AbstractEventLoop] = {}
+
+
+async def spawn(spec: ServiceSpec, instance_id: str) -> asyncio.subprocess.Process:
+    """Start the app in its own session, stdout/stderr piped for log capture."""
+    use_pidfd_child_watcher()
+    prepare_dirs(spec, instance_id)
+    env = spec.environment(instance_id, _parent_env())
+    cwd = spec.cwd(instance_id)
+    if not cwd.is_dir():
+        raise SpawnError(f"workdir does not exist: {cwd}")
+    argv = spec.argv(instance_id)
+    program = resolve_program(argv, env, cwd)
+    try:
+        return await asyncio.create_subprocess_exec(
+            program,
+            *argv[1:],
+            cwd=cwd,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            start_new_session=True,
+            limit=READ_LIMIT,
+        )
+    except OSError as e:
+        raise SpawnError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+
+
+def _parent_env() -> dict[str, str]:
+    env = dict(os.environ)
+    # `python3` in a command should find the interpreter tenement itself runs on.
+    bindir = os.path.dirname(sys.executable)
+    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", os.defpath)])
+    return env
+
+
+def signal_group(pgid: int, sig: signal.Signals) -> bool:
+    """Signal a whole process group; False if it is already gone."""
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+async def terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
+    """SIGTERM the group, wait `grace` seconds, then SIGKILL it. Returns the exit code."""
+    pgid = proc.pid
+    if proc.returncode is None:
+        signal_group(pgid, signal.SIGTERM)
+        try:
+            async with asyncio.timeout(grace):
+                await proc.wait()
+        except TimeoutError:
+            log.warning("pid %s ignored SIGTERM for %gs; sending SIGKILL", pgid, grace)
+    # Also reaps helpers the app forked into its group and left behind.
+    signal_group(pgid, signal.SIGKILL)
+    return await proc.wait()
+
+
+def describe_exit(code: int | None) -> str:
+    if code is None:
+        return "still running"
+    if code < 0:
+        try:
+            return f"killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def is_our_orphan(pid: int, create_time: float | None) -> bool:
+    """True only if pid is still the very process we started (same start time, own group)."""
+    if not pid or create_time is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        same = abs(proc.create_time() - create_time) < 0.01
+        return same and os.getpgid(pid) == pid and proc.status() != psutil.STATUS_ZOMBIE
+    except (psutil.Error, ProcessLookupError):
+        return False
+
+
+async def kill_orphan(pid: int, grace: float) -> None:
+    """Stop a group we started before a supervisor crash; we cannot wait() on it, so poll."""
+    signal_group(pid, signal.SIGTERM)
+    deadline = asyncio.get_running_loop().time() + grace
+    while _group_alive(pid) and asyncio.get_running_loop().time() < deadline:
+        # No child-exit event exists for a process that is not our child.
+        await asyncio.sleep(0.05)
+    signal_group(pid, signal.SIGKILL)
+
+
+def _group_alive(pgid: int) -> bool:
+    # The leader may linger as a zombie if nothing reaps orphans here; that counts as gone.
+    try:
+        return psutil.Process(pgid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def create_time(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None

@@ -1,0 +1,61 @@
+"""The supervisor's in-memory view of one instance. Only the supervisor mutates it."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from instances.ids import InstanceKey
+from instances.models import Instance
+from instances.spec import ServiceSpec
+from instances.supervisor.backoff import RestartPolicy
+
+State = Instance.State
+Desired = Instance.Desired
+
+# Stops we asked for; any other exit is a failure and goes through the restart policy.
+EXPECTED_STOPS = frozenset({"idle", "manual", "shutdown", "removed", "restart"})
+
+
+@dataclass
+class Runtime:
+    pk: int
+    key: InstanceKey
+    spec: ServiceSpec
+    policy: RestartPolicy
+    desired: str = Desired.STOPPED
+    state: str = State.STOPPED
+    always_on: bool = False
+    seen_version: datetime | None = None
+    proc: asyncio.subprocess.Process | None = None
+    task: asyncio.Task[None] | None = None
+    stop_task: asyncio.Task[None] | None = None
+    # Why we are stopping it (one of EXPECTED_STOPS), or why we killed it (a failure).
+    stopping: str | None = None
+    failure: str | None = None
+    restart_pending: bool = False
+    backoff_until: float = 0.0
+    started_at: float = 0.0
+    last_activity: float = 0.0
+    activity_reported: float = 0.0
+    open_connections: int = 0
+    health_failures: int = 0
+    next_health: float = 0.0
+    health_ok: bool | None = None
+    # Set while the instance is running and ready.
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    # Replaced on every state change; waiters hold the old one, which gets set.
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def notify(self) -> None:
+        changed, self.changed = self.changed, asyncio.Event()
+        changed.set()
+
+    @property
+    def busy(self) -> bool:
+        """A start or stop is in flight; reconcile leaves the instance alone until it ends."""
+        return any(t is not None and not t.done() for t in (self.task, self.stop_task))
+
+    def idle_for(self, now: float) -> float:
+        return now - self.last_activity

@@ -1,0 +1,118 @@
+"""All database access of the supervisor, as small async methods.
+
+Actual-state writes use queryset.update(), which does not bump updated_at, so
+updated_at only moves when someone else (CLI, admin, API) changes desired state.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections
+from django.utils import timezone
+
+from instances.models import Event, Instance, Service, SupervisorHeartbeat, SupervisorSettings
+
+
+@dataclass
+class Changes:
+    instances: list[Instance]
+    services: list[Service]
+    instance_count: int
+    settings: SupervisorSettings
+
+
+def _now() -> datetime:
+    return timezone.now()
+
+
+@sync_to_async
+def load_instances() -> list[Instance]:
+    return list(Instance.objects.select_related("service").order_by("pk"))
+
+
+@sync_to_async
+def load_settings() -> SupervisorSettings:
+    return SupervisorSettings.current()
+
+
+@sync_to_async
+def changes_since(watermark: datetime) -> Changes:
+    # Long-lived process: drop connections the database may have closed on us.
+    close_old_connections()
+    return Changes(
+        instances=list(
+            Instance.objects.select_related("service").filter(updated_at__gte=watermark)
+        ),
+        services=list(Service.objects.filter(updated_at__gte=watermark)),
+        instance_count=Instance.objects.count(),
+        settings=SupervisorSettings.current(),
+    )
+
+
+@sync_to_async
+def leftovers() -> list[Instance]:
+    """Rows a previous supervisor left mid-flight: they may still have live processes."""
+    return list(
+        Instance.objects.select_related("service").exclude(
+            state__in=[Instance.State.STOPPED, Instance.State.FAILED], pid__isnull=True
+        )
+    )
+
+
+@sync_to_async
+def update(pk: int, **fields: Any) -> None:
+    Instance.objects.filter(pk=pk).update(**fields)
+
+
+@sync_to_async
+def update_if_unchanged(pk: int, version: datetime | None, **fields: Any) -> bool:
+    """Conditional update: loses cleanly to a concurrent change by an operator."""
+    return Instance.objects.filter(pk=pk, updated_at=version).update(**fields) == 1
+
+
+@sync_to_async
+def transition(pk: int, old: str, new: str, kind: str, message: str, **fields: Any) -> None:
+    Instance.objects.filter(pk=pk).update(state=new, **fields)
+    Event.objects.create(
+        instance_id=pk, kind=kind, from_state=old, to_state=new, message=message[:2000]
+    )
+
+
+@sync_to_async
+def record_event(pk: int, kind: str, message: str) -> None:
+    Event.objects.create(instance_id=pk, kind=kind, message=message[:2000])
+
+
+@sync_to_async
+def save_activity(stamps: dict[int, float]) -> None:
+    for pk, stamp in stamps.items():
+        Instance.objects.filter(pk=pk).update(last_activity=datetime.fromtimestamp(stamp, UTC))
+
+
+@sync_to_async
+def clear_restart_request(pk: int) -> None:
+    Instance.objects.filter(pk=pk).update(restart_requested=False)
+
+
+@sync_to_async
+def beat(started_at: datetime) -> None:
+    SupervisorHeartbeat.objects.update_or_create(
+        pk=1,
+        defaults={
+            "pid": os.getpid(),
+            "hostname": socket.gethostname(),
+            "started_at": started_at,
+            "beat_at": _now(),
+        },
+    )
+
+
+@sync_to_async
+def clear_heartbeat() -> None:
+    SupervisorHeartbeat.objects.filter(pk=1, pid=os.getpid()).delete()

@@ -1,0 +1,23 @@
+#!/usr/bin/env python3
+"""Django's command-line utility for tenement."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> None:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tenement_site.settings")
+    from tenement_site.bootstrap import apply_cli_overrides
+
+    # --data-dir and --domain decide where the database lives, so they must be
+    # applied before Django reads its settings.
+    apply_cli_overrides(sys.argv)
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
+
+
+if __name__ == "__main__":
+    main()

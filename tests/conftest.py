@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTAPP = Path(__file__).parent / "apps" / "testapp.py"
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def short_tmp() -> Iterator[Path]:
+    """A short temp dir: Unix socket paths must fit in 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tt", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_children() -> Iterator[None]:
+    """Every test must clean up the processes it started."""
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    yield
+    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    alive = [p for p in leftovers if _alive(p)]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    assert not alive, f"test left processes behind: {alive}"
+
+
+def _alive(p: psutil.Process) -> bool:
+    try:
+        return p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
