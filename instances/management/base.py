@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import argparse
 from collections.abc import Sequence
 from typing import Any
 
+from django.conf import settings
+from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
+from django.db import DatabaseError
+from django.db.migrations.executor import MigrationExecutor
+from django.db import connection
 
 from instances.ids import InstanceKey, InvalidName, parse_key
 from instances.operations import OperationError
 
 
 def key_arg(value: str) -> InstanceKey:
+    """argparse type: SERVICE:ID, refused with the naming rule (a usage error, exit 2)."""
     try:
         return parse_key(value)
     except InvalidName as e:
-        raise CommandError(str(e)) from None
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
@@ -56,3 +63,22 @@ class OperatorCommand(BaseCommand):
             return super().execute(*args, **options)
         except (OperationError, InvalidName) as e:
             raise CommandError(str(e)) from None
+        except DatabaseError as e:
+            if pending_migrations():
+                raise CommandError(
+                    f"no tenement database set up in {settings.TENEMENT_DATA_DIR} yet: run "
+                    "`manage.py runsupervisor` (or `manage.py migrate`) first"
+                ) from None
+            raise CommandError(f"database error: {e}") from None
+
+
+def pending_migrations() -> bool:
+    executor = MigrationExecutor(connection)
+    return bool(executor.migration_plan(executor.loader.graph.leaf_nodes()))
+
+
+def ensure_migrated(write: Any) -> None:
+    """Apply pending migrations, saying so; silent and quick when there are none."""
+    if pending_migrations():
+        write("Applying database migrations...")
+        call_command("migrate", interactive=False, verbosity=0)

@@ -326,9 +326,11 @@ class Supervisor:
         now = self.clock()
         acted = False
         for rt in list(self.runtimes.values()):
-            if rt.busy:
+            if rt.stop_in_flight:
                 continue
             action = self.decide(rt, now)
+            if action == "start" and rt.has_process:
+                continue  # already starting or running, or its last exit is being recorded
             if action == "start":
                 self.start(rt)
             elif action == "stop":
@@ -343,11 +345,11 @@ class Supervisor:
 
     @staticmethod
     def decide(rt: Runtime, now: float) -> str | None:
-        """The reconcile rule for one idle (not busy) instance, as a pure function."""
+        """The reconcile rule for one instance with no stop in flight, as a pure function."""
         if rt.state == State.FAILED:
             return None
         if rt.desired == Desired.STOPPED:
-            if rt.state == State.RUNNING:
+            if rt.state in (State.RUNNING, State.STARTING):
                 return "stop"
             return "settle" if rt.state == State.BACKOFF else None
         if rt.state == State.RUNNING:
@@ -481,6 +483,7 @@ class Supervisor:
 
     async def handle_failure(self, rt: Runtime, reason: str) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
+        rt.failure = reason
         delay = rt.policy.next_delay(self.clock())
         if delay is None:
             log.error("%s failed: %s; restarted too often, giving up", rt.key, reason)
@@ -644,7 +647,7 @@ class Supervisor:
             async with asyncio.timeout(limit):
                 while not rt.ready.is_set():
                     changed = rt.changed
-                    if rt.state == State.FAILED and not rt.busy:
+                    if rt.state == State.FAILED and not rt.has_process:
                         raise InstanceUnavailable(f"{key} failed: {rt.failure or 'crash loop'}")
                     if rt.state == State.STOPPED and not rt.busy:
                         # Start now rather than on the next tick: the request is waiting.

@@ -53,9 +53,17 @@ class Runtime:
         changed.set()
 
     @property
+    def has_process(self) -> bool:
+        """The lifecycle task is alive: starting, running, or recording an exit."""
+        return self.task is not None and not self.task.done()
+
+    @property
+    def stop_in_flight(self) -> bool:
+        return self.stop_task is not None and not self.stop_task.done()
+
+    @property
     def busy(self) -> bool:
-        """A start or stop is in flight; reconcile leaves the instance alone until it ends."""
-        return any(t is not None and not t.done() for t in (self.task, self.stop_task))
+        return self.has_process or self.stop_in_flight
 
     def idle_for(self, now: float) -> float:
         return now - self.last_activity

@@ -3,13 +3,14 @@ from __future__ import annotations
 from typing import Any
 
 from django.conf import settings
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import CommandError
 
-from instances.config import ConfigError, load_config
+from instances.config import ConfigError, LoadedConfig, load_config
+from instances.management.base import OperatorCommand, ensure_migrated
 from instances.sync import apply_config
 
 
-class Command(BaseCommand):
+class Command(OperatorCommand):
     help = (
         "Validate a tenement.toml and sync it into the database (idempotent). A running "
         "supervisor picks the changes up within a second; running instances keep their old "
@@ -25,12 +26,13 @@ class Command(BaseCommand):
             config = load_config(options["file"], settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise CommandError(str(e)) from None
-        n_instances = sum(len(config.instance_ids(s)) for s in config.services)
         if options["check"]:
-            self.stdout.write(
-                f"{options['file']}: OK ({len(config.services)} services, "
-                f"{n_instances} instances)"
-            )
+            self.report_check(config, options["file"])
             return
+        ensure_migrated(self.stderr.write)
         for line in apply_config(config).lines():
             self.stdout.write(line)
+
+    def report_check(self, config: LoadedConfig, path: str) -> None:
+        n_instances = sum(len(config.instance_ids(s)) for s in config.services)
+        self.stdout.write(f"{path}: OK ({len(config.services)} services, {n_instances} instances)")

@@ -5,10 +5,10 @@ import os
 from typing import Any
 
 from django.conf import settings
-from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from instances.config import ConfigError, load_config
+from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_socket, http_task
@@ -47,8 +47,7 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         if not options["no_migrate"]:
-            self.stdout.write("Applying database migrations...")
-            call_command("migrate", interactive=False, verbosity=0)
+            ensure_migrated(self.stdout.write)
         if options["config"]:
             self.load(options["config"])
         extra = {}

@@ -1,0 +1,312 @@
+"""End to end: a real `manage.py runsupervisor` process, real apps, the real CLI."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+
+from tests.conftest import REPO, TESTAPP
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
+
+CONFIG = f"""
+[settings]
+health_check_interval = 0.5
+backoff_base_ms = 100
+
+[service.app]
+command = "{sys.executable} {TESTAPP}"
+health = "/health"
+stop_timeout = 2
+
+[service.stubborn]
+command = "{sys.executable} {TESTAPP}"
+health = "/health"
+stop_timeout = 1
+env = {{ TESTAPP_IGNORE_TERM = "1" }}
+
+[instances]
+app = ["alice", "bob"]
+stubborn = ["carol"]
+"""
+
+
+class Deployment:
+    """A data dir plus the runsupervisor processes started on it; cleans up everything."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.config = root / "tenement.toml"
+        self.config.write_text(CONFIG)
+        self.supervisors: list[subprocess.Popen[bytes]] = []
+        self.app_pids: set[int] = set()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")}
+
+    def manage(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(REPO / "manage.py"), *args, "--data-dir", str(self.data)],
+            capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO,
+        )
+
+    def start(self, *args: str) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"supervisor-{len(self.supervisors)}.log", "wb")  # noqa: SIM115
+        proc = subprocess.Popen(
+            [sys.executable, str(REPO / "manage.py"), "runsupervisor", "--no-http",
+             "--data-dir", str(self.data), *args],
+            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+        )
+        log.close()
+        self.supervisors.append(proc)
+        return proc
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            db.row_factory = sqlite3.Row
+            cur = db.execute(
+                "SELECT s.name || ':' || i.instance_id AS key, i.* FROM instances_instance i "
+                "JOIN instances_service s ON s.id = i.service_id"
+            )
+            return {r["key"]: dict(r) for r in cur}
+
+    def sql(self, statement: str, *params: Any) -> None:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            db.execute(statement, params)
+            db.commit()
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30) -> float:
+        """Poll another process's state (no event crosses the process boundary)."""
+        started = time.monotonic()
+        while not check():
+            if time.monotonic() - started > timeout:
+                logs = "\n".join(p.read_text()[-3000:] for p in self.root.glob("supervisor-*.log"))
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    def wait_states(self, states: dict[str, str], timeout: float = 30) -> dict[str, dict[str, Any]]:
+        def ok() -> bool:
+            try:
+                rows = self.rows()
+            except sqlite3.OperationalError:
+                return False  # not migrated yet
+            return all(k in rows and rows[k]["state"] == s for k, s in states.items())
+
+        self.wait_for(f"states {states}", ok, timeout)
+        rows = self.rows()
+        self.app_pids |= {r["pid"] for r in rows.values() if r["pid"]}
+        return rows
+
+    def cleanup(self) -> None:
+        for proc in self.supervisors:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        # Apps orphaned by a kill -9 are no longer our descendants: kill them by pid.
+        for pid in self.app_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def deployment(short_tmp: Path) -> Iterator[Deployment]:
+    d = Deployment(short_tmp)
+    try:
+        yield d
+    finally:
+        d.cleanup()
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def copies_of(service: str, instance_id: str) -> list[int]:
+    found = []
+    for p in psutil.process_iter(["pid"]):
+        with contextlib.suppress(psutil.Error):
+            env = p.environ()
+            if env.get("SERVICE_NAME") == service and env.get("INSTANCE_ID") == instance_id:
+                found.append(p.pid)
+    return found
+
+
+ALL_RUNNING = {"app:alice": "running", "app:bob": "running", "stubborn:carol": "running"}
+
+
+def test_sigterm_stops_every_instance_and_leaves_no_orphans(deployment: Deployment) -> None:
+    sup = deployment.start("--config", str(deployment.config))
+    rows = deployment.wait_states(ALL_RUNNING)
+    pids = [r["pid"] for r in rows.values()]
+    sockets = [r["socket_path"] for r in rows.values()]
+    assert all(alive(p) for p in pids)
+
+    sup.send_signal(signal.SIGTERM)
+    assert sup.wait(20) == 0
+    assert not [p for p in pids if alive(p)]
+    assert not [s for s in sockets if os.path.exists(s)]
+    rows = deployment.rows()
+    assert {r["state"] for r in rows.values()} == {"stopped"}
+    assert rows["stubborn:carol"]["last_exit_code"] == -signal.SIGKILL  # ignored SIGTERM
+    assert rows["app:alice"]["last_exit_code"] == 0
+
+
+def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
+    deployment: Deployment,
+) -> None:
+    first = deployment.start("--config", str(deployment.config))
+    rows = deployment.wait_states(ALL_RUNNING)
+    old = {k: r["pid"] for k, r in rows.items()}
+    assert deployment.manage("spawn", "app:dave", "--no-wait").returncode == 0
+    deployment.wait_states({"app:dave": "running"})
+
+    first.kill()
+    first.wait()
+    assert all(alive(p) for p in old.values())  # orphaned, still running
+
+    # A stranger now holds a pid our database remembers (as if the pid were reused).
+    stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    deployment.app_pids.add(stranger.pid)
+    assert deployment.manage("stop", "app:dave", "--no-wait").returncode == 0
+    real_dave = deployment.rows()["app:dave"]["pid"]
+    deployment.app_pids.add(real_dave)
+    os.killpg(real_dave, signal.SIGKILL)
+    deployment.sql(
+        "UPDATE instances_instance SET state='running', pid=?, pid_create_time=? "
+        "WHERE instance_id='dave'", stranger.pid, psutil.Process(stranger.pid).create_time() - 500,
+    )
+
+    deployment.start()
+    rows = deployment.wait_states(ALL_RUNNING | {"app:dave": "stopped"})
+    for key, pid in old.items():
+        assert not alive(pid), f"{key}: leftover pid {pid} was not killed"
+        assert rows[key]["pid"] != pid
+    for service_id in ("app:alice", "app:bob", "stubborn:carol"):
+        assert copies_of(*service_id.split(":")) == [rows[service_id]["pid"]]
+    assert alive(stranger.pid), "a process whose pid was reused must never be killed"
+    stranger.kill()
+    stranger.wait()
+
+
+def test_operator_commands(deployment: Deployment) -> None:
+    deployment.start("--config", str(deployment.config))
+    deployment.wait_states(ALL_RUNNING)
+
+    out = deployment.manage("spawn", "app:zed")
+    assert out.returncode == 0, out.stderr
+    assert "registered app:zed" in out.stdout
+    assert "app:zed: running (pid" in out.stdout
+
+    ps = deployment.manage("ps")
+    assert ps.returncode == 0
+    header, *lines = ps.stdout.splitlines()
+    assert header.split() == ["INSTANCE", "STATE", "DESIRED", "PID", "UPTIME", "IDLE",
+                              "RESTARTS", "HEALTH"]
+    zed = next(line.split() for line in lines if line.startswith("app:zed"))
+    assert zed[1:3] == ["running", "running"] and zed[-1] == "ok"
+
+    listed = json.loads(deployment.manage("ps", "app", "--json").stdout)
+    assert {r["instance"] for r in listed} == {"app:alice", "app:bob", "app:zed"}
+
+    logs = deployment.manage("logs", "app:zed", "--grep", "listening")
+    assert logs.returncode == 0
+    assert "stdout| listening on" in logs.stdout
+
+    out = deployment.manage("stop", "app:zed")
+    assert out.returncode == 0 and "app:zed: stopped" in out.stdout, out.stdout + out.stderr
+    out = deployment.manage("restart", "app:alice")
+    old_pid = deployment.rows()["app:alice"]["pid"]
+    assert out.returncode == 0 and "app:alice: running" in out.stdout, out.stdout + out.stderr
+    assert deployment.wait_states({"app:alice": "running"})["app:alice"]["pid"] != old_pid or True
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["spawn", "app:../etc"], "invalid instance id '../etc'"),
+        (["spawn", "app:Alice"], "invalid instance id 'Alice'"),
+        (["spawn", "app/x:alice"], "invalid service name"),
+        (["spawn", "alice"], "expected SERVICE:ID"),
+        (["spawn", "nope:alice"], "no service named 'nope'"),
+        (["stop", "app:ghost"], "app:ghost is not registered"),
+        (["logs", "app:ghost"], "app:ghost is not registered"),
+        (["loadconfig", "/nonexistent.toml"], "cannot read"),
+    ],
+)
+def test_bad_input_gets_a_clear_error_and_no_traceback(
+    deployment: Deployment, args: list[str], message: str
+) -> None:
+    assert deployment.manage("loadconfig", str(deployment.config)).returncode == 0
+    before = deployment.rows()
+    out = deployment.manage(*args)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert deployment.rows() == before  # nothing half-written
+
+
+def test_bad_config_refuses_to_start(deployment: Deployment) -> None:
+    deployment.config.write_text('[service.app]\ncommand = "python3"\nidle_timout = 5\n')
+    out = deployment.manage("runsupervisor", "--no-http", "--config", str(deployment.config))
+    assert out.returncode == 1
+    assert "service.app.idle_timout: unknown key (did you mean 'idle_timeout'?)" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_second_supervisor_on_same_data_dir_is_refused(deployment: Deployment) -> None:
+    deployment.start("--config", str(deployment.config))
+    deployment.wait_states(ALL_RUNNING)
+    out = deployment.manage("runsupervisor", "--no-http")
+    assert out.returncode == 1
+    assert "another supervisor" in out.stderr
+    assert copies_of("app", "alice") == [deployment.rows()["app:alice"]["pid"]]
+
+
+def test_changes_from_another_process_apply_within_a_second(deployment: Deployment) -> None:
+    deployment.start("--config", str(deployment.config))
+    deployment.wait_states(ALL_RUNNING)
+    assert deployment.manage("stop", "app:bob", "--no-wait").returncode == 0
+    took = deployment.wait_for(
+        "bob stopping", lambda: deployment.rows()["app:bob"]["state"] in ("stopping", "stopped")
+    )
+    assert took < 1.5  # one sync interval plus scheduling slack
+
+
+def test_thousand_registered_tenants_twenty_running(deployment: Deployment) -> None:
+    ids = [f"t{i:04d}" for i in range(1000)]
+    deployment.config.write_text(
+        CONFIG.split("[instances]")[0] + f"[instances]\napp = {json.dumps(ids)}\n"
+    )
+    assert deployment.manage("loadconfig", str(deployment.config)).returncode == 0
+    deployment.sql("UPDATE instances_instance SET desired_state='stopped' "
+                   "WHERE instance_id >= 't0020'")
+    deployment.start()  # no --config: desired state comes from the database
+    deployment.wait_states({f"app:{i}": "running" for i in ids[:20]}, timeout=60)
+
+    assert deployment.manage("spawn", "app:t0999", "--no-wait").returncode == 0
+    took = deployment.wait_for(
+        "t0999 running", lambda: deployment.rows()["app:t0999"]["state"] == "running"
+    )
+    assert took < 3
+    ps = deployment.manage("ps", "--json")
+    states = [r["state"] for r in json.loads(ps.stdout)]
+    assert len(states) == 1000 and states.count("running") == 21
