@@ -18,8 +18,17 @@ class InstanceAdmin(admin.ModelAdmin):
     search_fields = ("instance_id",)
     # Actual state belongs to the supervisor; operators change desired state only.
     readonly_fields = (
-        "state", "pid", "pid_create_time", "socket_path", "started_at", "last_activity",
-        "restart_count", "last_exit_code", "last_error", "health_ok", "health_checked_at",
+        "state",
+        "pid",
+        "pid_create_time",
+        "socket_path",
+        "started_at",
+        "last_activity",
+        "restart_count",
+        "last_exit_code",
+        "last_error",
+        "health_ok",
+        "health_checked_at",
     )
 
 

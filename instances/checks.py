@@ -13,20 +13,29 @@ def check_data_dir(app_configs: Any = None, **kwargs: Any) -> list[Any]:
     data_dir = settings.TENEMENT_DATA_DIR
     problems: list[Any] = []
     if not data_dir.is_dir():
-        problems.append(Error(
-            f"TENEMENT_DATA_DIR {data_dir} is not a directory", id="tenement.E001",
-            hint="Set TENEMENT_DATA_DIR (or --data-dir) to a writable directory.",
-        ))
+        problems.append(
+            Error(
+                f"TENEMENT_DATA_DIR {data_dir} is not a directory",
+                id="tenement.E001",
+                hint="Set TENEMENT_DATA_DIR (or --data-dir) to a writable directory.",
+            )
+        )
     elif not _writable(data_dir):
-        problems.append(Error(
-            f"TENEMENT_DATA_DIR {data_dir} is not writable", id="tenement.E002",
-            hint="The supervisor keeps its database, secret key and tenant data here.",
-        ))
+        problems.append(
+            Error(
+                f"TENEMENT_DATA_DIR {data_dir} is not writable",
+                id="tenement.E002",
+                hint="The supervisor keeps its database, secret key and tenant data here.",
+            )
+        )
     if (data_dir / "secret_key").exists() and (data_dir / "secret_key").stat().st_mode & 0o077:
-        problems.append(Warning(
-            f"{data_dir / 'secret_key'} is readable by other users", id="tenement.W001",
-            hint="chmod 600 it.",
-        ))
+        problems.append(
+            Warning(
+                f"{data_dir / 'secret_key'} is readable by other users",
+                id="tenement.W001",
+                hint="chmod 600 it.",
+            )
+        )
     return problems
 
 

@@ -76,9 +76,7 @@ def supervisor_alive(now: float | None = None) -> bool:
     return (now or time.time()) - beat.beat_at.timestamp() < HEARTBEAT_STALE_AFTER
 
 
-def wait_for_states(
-    pk: int, wanted: Iterable[str], timeout: float, poll: float = 0.1
-) -> Instance:
+def wait_for_states(pk: int, wanted: Iterable[str], timeout: float, poll: float = 0.1) -> Instance:
     """Poll one row until its state is in `wanted` (the CLI's view from another process)."""
     wanted = set(wanted)
     deadline = time.monotonic() + timeout

@@ -100,9 +100,11 @@ class ServiceSpec:
         """The child's whole environment: never the supervisor's secrets unless inherit_env."""
         parent = dict(os.environ if parent is None else parent)
         socket = self.socket_path(instance_id)
-        env = dict(parent) if self.inherit_env else {
-            k: parent[k] for k in BASE_ENV_VARS if k in parent
-        }
+        env = (
+            dict(parent)
+            if self.inherit_env
+            else {k: parent[k] for k in BASE_ENV_VARS if k in parent}
+        )
         env.setdefault("LANG", "C.UTF-8")
         # HOME is the tenant's own directory so nothing lands in the operator's home.
         env["HOME"] = env["DATA_DIR"] = str(self.instance_dir(instance_id))

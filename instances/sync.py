@@ -37,7 +37,8 @@ class SyncReport:
         out += [f"  registered {key}" for key in self.registered]
         if self.not_in_file:
             out.append(
-                "kept (defined in the database but not in this file): " + ", ".join(self.not_in_file)
+                "kept (defined in the database but not in this file): "
+                + ", ".join(self.not_in_file)
             )
         return out
 
@@ -103,9 +104,7 @@ def start_config_instances(config: LoadedConfig) -> int:
     started = 0
     for name in config.services:
         started += (
-            Instance.objects.filter(
-                service__name=name, instance_id__in=config.instance_ids(name)
-            )
+            Instance.objects.filter(service__name=name, instance_id__in=config.instance_ids(name))
             .exclude(state=Instance.State.FAILED)
             .update(desired_state=Instance.Desired.RUNNING)
         )

@@ -55,7 +55,10 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
         from tenement_site.asgi import application
 
         config = uvicorn.Config(
-            application, lifespan="off", access_log=False, log_level="warning",
+            application,
+            lifespan="off",
+            access_log=False,
+            log_level="warning",
             server_header=False,
         )
         server = EmbeddedServer(config)

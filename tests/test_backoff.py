@@ -20,8 +20,9 @@ def test_huge_attempt_numbers_do_not_overflow() -> None:
 
 
 def test_policy_gives_up_after_max_restarts_within_window() -> None:
-    policy = RestartPolicy(max_restarts=3, window=300, base_ms=1000, max_ms=60_000,
-                           rand=lambda: 0.0)
+    policy = RestartPolicy(
+        max_restarts=3, window=300, base_ms=1000, max_ms=60_000, rand=lambda: 0.0
+    )
     assert [policy.next_delay(t) for t in (0, 1, 3)] == [1, 2, 4]
     assert policy.next_delay(7) is None  # the 4th crash inside 300 s
 

@@ -62,7 +62,7 @@ def write(tmp: Path, text: str, name: str = "tenement.toml") -> Path:
     return path
 
 
-def load(tmp: Path, text: str):  # noqa: ANN201
+def load(tmp: Path, text: str):
     return load_config(write(tmp, text), tmp / "default-data")
 
 
@@ -83,7 +83,10 @@ def test_every_key_is_read(tmp_path: Path) -> None:
     assert notes["env"] == {"GREETING": "hello {id} from {name}", "SOCK": "{socket}"}
     assert notes["isolation"] == "namespace"
     assert (notes["memory_limit_mb"], notes["cpu_shares"], notes["storage_quota_mb"]) == (
-        256, 512, 1024)
+        256,
+        512,
+        1024,
+    )
     assert notes["storage_persist"] is True
     assert config.instance_ids("notes") == ["alice", "bob", "vip"]
     assert config.always_on["notes"] == {"vip"}
@@ -109,7 +112,9 @@ def test_builtin_defaults(tmp_path: Path) -> None:
 
 
 def test_upstream_example_config_loads(tmp_path: Path) -> None:
-    config = load(tmp_path, """
+    config = load(
+        tmp_path,
+        """
         [settings]
         data_dir = "./data"
 
@@ -124,47 +129,72 @@ def test_upstream_example_config_loads(tmp_path: Path) -> None:
 
         [service.api.env]
         DATA_DIR = "{data_dir}/{id}"
-    """)
+    """,
+    )
     assert config.services["api"]["env"] == {"DATA_DIR": "{data_dir}/{id}"}
 
 
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ('[service.a]\ncommand = "python3"\nidle_timout = 3\n',
-         "service.a.idle_timout: unknown key (did you mean 'idle_timeout'?)"),
-        ('[settings]\nhealth_check_intervall = 3\n',
-         "settings.health_check_intervall: unknown key (did you mean 'health_check_interval'?)"),
+        (
+            '[service.a]\ncommand = "python3"\nidle_timout = 3\n',
+            "service.a.idle_timout: unknown key (did you mean 'idle_timeout'?)",
+        ),
+        (
+            "[settings]\nhealth_check_intervall = 3\n",
+            "settings.health_check_intervall: unknown key (did you mean 'health_check_interval'?)",
+        ),
         ('[servce.a]\ncommand = "x"\n', "servce: unknown key (did you mean 'service'?)"),
-        ('[service.a]\ncommand = "python3"\nidle_timeout = "300"\n',
-         "service.a.idle_timeout: Input should be a valid number (got '300')"),
-        ('[service.a]\ncommand = "python3"\nidle_timeout = -1\n',
-         "service.a.idle_timeout: Input should be greater than or equal to 0 (got -1)"),
-        ('[settings]\nmax_restarts = true\n',
-         "settings.max_restarts: Input should be a valid integer (got True)"),
-        ('[service.a]\ncommand = "python3"\nenv = { PORT = 8080 }\n',
-         "service.a.env.PORT: Input should be a valid string (got 8080)"),
-        ('[service.a]\ncommand = "python3"\nenv = { "BAD-NAME" = "x" }\n',
-         "not a valid environment variable name"),
+        (
+            '[service.a]\ncommand = "python3"\nidle_timeout = "300"\n',
+            "service.a.idle_timeout: Input should be a valid number (got '300')",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nidle_timeout = -1\n',
+            "service.a.idle_timeout: Input should be greater than or equal to 0 (got -1)",
+        ),
+        (
+            "[settings]\nmax_restarts = true\n",
+            "settings.max_restarts: Input should be a valid integer (got True)",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nenv = { PORT = 8080 }\n',
+            "service.a.env.PORT: Input should be a valid string (got 8080)",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nenv = { "BAD-NAME" = "x" }\n',
+            "not a valid environment variable name",
+        ),
         ('[service.Bad]\ncommand = "python3"\n', "invalid service name 'Bad'"),
-        ('[service.a]\ncommand = "python3"\n[instances]\na = ["../etc"]\n',
-         "instances.a.0: invalid instance id '../etc'"),
-        ('[service.a]\ncommand = "python3"\n[instances]\na = ["Alice"]\n',
-         "invalid instance id 'Alice'"),
-        ('[service.a]\ncommand = "python3"\n[instances]\nb = ["x"]\n',
-         "instances.b: no [service.b] is defined (defined: a)"),
+        (
+            '[service.a]\ncommand = "python3"\n[instances]\na = ["../etc"]\n',
+            "instances.a.0: invalid instance id '../etc'",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\n[instances]\na = ["Alice"]\n',
+            "invalid instance id 'Alice'",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\n[instances]\nb = ["x"]\n',
+            "instances.b: no [service.b] is defined (defined: a)",
+        ),
         ('[service.a]\ncommand = "python3 --port {port}"\n', "{port} is not supported"),
         ('[service.a]\ncommand = "python3 {what}"\n', "unknown placeholder {what}"),
         ('[service.a]\ncommand = "python3"\nsocket = "{socket}.x"\n', "unknown placeholder"),
         ('[service.a]\ncommand = "python3"\nhealth = "/a b"\n', "must be an HTTP path"),
         ('[service.a]\ncommand = "python3"\nhealth = "health"\n', "must be an HTTP path"),
-        ('[service.a]\ncommand = "no-such-program-xyz"\n',
-         "service.a.command: 'no-such-program-xyz' not found on PATH"),
+        (
+            '[service.a]\ncommand = "no-such-program-xyz"\n',
+            "service.a.command: 'no-such-program-xyz' not found on PATH",
+        ),
         ('[service.a]\ncommand = ""\n', "service.a.command: must not be empty"),
         ('[service.a]\nhealth = "/h"\n', "service.a.command: Field required"),
         ('[service.a]\ncommand = "python3"\nisolation = "vm"\n', "service.a.isolation"),
-        ('[settings]\nbackoff_base_ms = 5000\nbackoff_max_ms = 100\n',
-         "backoff_base_ms: 5000 is larger than settings.backoff_max_ms"),
+        (
+            "[settings]\nbackoff_base_ms = 5000\nbackoff_max_ms = 100\n",
+            "backoff_base_ms: 5000 is larger than settings.backoff_max_ms",
+        ),
         ('[service.a\ncommand = "x"\n', "invalid TOML"),
     ],
 )
@@ -215,10 +245,15 @@ def test_sync_is_idempotent_and_keeps_existing_state(tmp_path: Path) -> None:
 @pytest.mark.django_db
 def test_sync_updates_changed_services_and_reports_absent_ones(tmp_path: Path) -> None:
     apply_config(load(tmp_path, FULL))
-    changed = FULL.replace("stop_timeout = 3", "stop_timeout = 4").replace(
-        '[service.api]\ncommand = "python3"\nargs = ["server.py", "--data", "{data_dir}/{id}"]\n',
-        "",
-    ).replace('api = ["alice"]\n', "")
+    changed = (
+        FULL.replace("stop_timeout = 3", "stop_timeout = 4")
+        .replace(
+            '[service.api]\ncommand = "python3"\n'
+            'args = ["server.py", "--data", "{data_dir}/{id}"]\n',
+            "",
+        )
+        .replace('api = ["alice"]\n', "")
+    )
     report = apply_config(load(tmp_path, changed))
     assert report.updated == ["notes"]
     assert report.not_in_file == ["api"]

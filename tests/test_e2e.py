@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -58,15 +60,29 @@ class Deployment:
     def manage(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return subprocess.run(
             [sys.executable, str(REPO / "manage.py"), *args, "--data-dir", str(self.data)],
-            capture_output=True, text=True, timeout=timeout, env=self.env, cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=REPO,
         )
 
     def start(self, *args: str) -> subprocess.Popen[bytes]:
-        log = open(self.root / f"supervisor-{len(self.supervisors)}.log", "wb")  # noqa: SIM115
+        log = open(self.root / f"supervisor-{len(self.supervisors)}.log", "wb")
         proc = subprocess.Popen(
-            [sys.executable, str(REPO / "manage.py"), "runsupervisor", "--no-http",
-             "--data-dir", str(self.data), *args],
-            stdout=log, stderr=subprocess.STDOUT, env=self.env, cwd=REPO,
+            [
+                sys.executable,
+                str(REPO / "manage.py"),
+                "runsupervisor",
+                "--no-http",
+                "--data-dir",
+                str(self.data),
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
         )
         log.close()
         self.supervisors.append(proc)
@@ -192,7 +208,9 @@ def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
     os.killpg(real_dave, signal.SIGKILL)
     deployment.sql(
         "UPDATE instances_instance SET state='running', pid=?, pid_create_time=? "
-        "WHERE instance_id='dave'", stranger.pid, psutil.Process(stranger.pid).create_time() - 500,
+        "WHERE instance_id='dave'",
+        stranger.pid,
+        psutil.Process(stranger.pid).create_time() - 500,
     )
 
     deployment.start()
@@ -219,8 +237,16 @@ def test_operator_commands(deployment: Deployment) -> None:
     ps = deployment.manage("ps")
     assert ps.returncode == 0
     header, *lines = ps.stdout.splitlines()
-    assert header.split() == ["INSTANCE", "STATE", "DESIRED", "PID", "UPTIME", "IDLE",
-                              "RESTARTS", "HEALTH"]
+    assert header.split() == [
+        "INSTANCE",
+        "STATE",
+        "DESIRED",
+        "PID",
+        "UPTIME",
+        "IDLE",
+        "RESTARTS",
+        "HEALTH",
+    ]
     zed = next(line.split() for line in lines if line.startswith("app:zed"))
     assert zed[1:3] == ["running", "running"] and zed[-1] == "ok"
 
@@ -297,8 +323,9 @@ def test_thousand_registered_tenants_twenty_running(deployment: Deployment) -> N
         CONFIG.split("[instances]")[0] + f"[instances]\napp = {json.dumps(ids)}\n"
     )
     assert deployment.manage("loadconfig", str(deployment.config)).returncode == 0
-    deployment.sql("UPDATE instances_instance SET desired_state='stopped' "
-                   "WHERE instance_id >= 't0020'")
+    deployment.sql(
+        "UPDATE instances_instance SET desired_state='stopped' WHERE instance_id >= 't0020'"
+    )
     deployment.start()  # no --config: desired state comes from the database
     deployment.wait_states({f"app:{i}": "running" for i in ids[:20]}, timeout=60)
 
@@ -310,3 +337,35 @@ def test_thousand_registered_tenants_twenty_running(deployment: Deployment) -> N
     ps = deployment.manage("ps", "--json")
     states = [r["state"] for r in json.loads(ps.stdout)]
     assert len(states) == 1000 and states.count("running") == 21
+
+
+def test_demo_config_runs_both_example_apps(deployment: Deployment) -> None:
+    """examples/tenement.toml: Python and Node apps, two tenants each, own counters."""
+    deployment.start("--config", str(REPO / "examples" / "tenement.toml"))
+    keys = ["counter:alice", "counter:bob", "counterjs:alice", "counterjs:bob"]
+    rows = deployment.wait_states(dict.fromkeys(keys, "running"))
+    for key in keys:
+        service, tenant = key.split(":")
+        runtime = "node" if service == "counterjs" else "python"
+        health = json.loads(unix_get(rows[key]["socket_path"], "/health"))
+        assert health == {"status": "ok", "tenant": tenant, "service": service, "runtime": runtime}
+    alice = rows["counter:alice"]["socket_path"]
+    assert "visit #1" in unix_get(alice, "/") and "visit #2" in unix_get(alice, "/")
+    assert "visit #1" in unix_get(rows["counter:bob"]["socket_path"], "/")
+    assert "visit #1" in unix_get(rows["counterjs:alice"]["socket_path"], "/")
+    assert (deployment.data / "counter" / "alice" / "counter.txt").read_text().strip() == "2"
+
+
+def unix_get(socket_path: str, path: str) -> str:
+    class UnixConnection(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(5)
+            self.sock.connect(socket_path)
+
+    conn = UnixConnection("localhost", timeout=5)
+    try:
+        conn.request("GET", path)
+        return conn.getresponse().read().decode()
+    finally:
+        conn.close()

@@ -11,8 +11,23 @@ def test_valid_labels(good: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["", "..", "a/b", "../etc", "Alice", "-a", "a-", "a" * 64, "a.b", "a b", "é", "a_b",
-            "a\n", "a\x00"],
+    "bad",
+    [
+        "",
+        "..",
+        "a/b",
+        "../etc",
+        "Alice",
+        "-a",
+        "a-",
+        "a" * 64,
+        "a.b",
+        "a b",
+        "é",
+        "a_b",
+        "a\n",
+        "a\x00",
+    ],
 )
 def test_invalid_labels_are_refused_with_the_rule(bad: str) -> None:
     with pytest.raises(InvalidName, match="lowercase letters, digits"):

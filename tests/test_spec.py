@@ -8,8 +8,12 @@ from instances.interpolate import TemplateError, check_template, interpolate
 from instances.spec import MAX_SOCKET_PATH, ServiceSpec, default_socket_path
 
 PARENT_ENV = {
-    "PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": "/root",
-    "DJANGO_SECRET_KEY": "s3cret", "DATABASE_URL": "postgres://u:pw@db/x", "AWS_SECRET": "k",
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+    "DJANGO_SECRET_KEY": "s3cret",
+    "DATABASE_URL": "postgres://u:pw@db/x",
+    "AWS_SECRET": "k",
 }
 
 
@@ -26,7 +30,13 @@ def test_interpolation_of_every_placeholder() -> None:
         config_dir="/etc/ten",
     )
     assert s.argv("alice") == [
-        "run", "--data", "/srv/t", "--id", "alice", "--name", "notes",
+        "run",
+        "--data",
+        "/srv/t",
+        "--id",
+        "alice",
+        "--name",
+        "notes",
     ]
     env = s.environment("alice", PARENT_ENV)
     assert env["SOCK"] == "/srv/t/run/notes-alice.sock" == env["SOCKET_PATH"]
@@ -59,7 +69,9 @@ def test_inherit_env_passes_the_parent_environment() -> None:
 
 
 def test_env_cannot_override_socket_or_identity_but_can_set_data_dir() -> None:
-    s = spec(env=(("SOCKET_PATH", "/evil"), ("INSTANCE_ID", "bob"), ("DATA_DIR", "{data_dir}/{id}")))
+    s = spec(
+        env=(("SOCKET_PATH", "/evil"), ("INSTANCE_ID", "bob"), ("DATA_DIR", "{data_dir}/{id}"))
+    )
     env = s.environment("alice", PARENT_ENV)
     assert env["SOCKET_PATH"] == "/srv/t/run/notes-alice.sock"
     assert env["INSTANCE_ID"] == "alice"

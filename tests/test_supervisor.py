@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -31,13 +32,17 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 FAST = {"health_check_interval": 0.1, "backoff_base_ms": 50, "backoff_max_ms": 400}
 
 
-def make_service(tmp: Path, name: str = "app", env: dict[str, str] | None = None,
-                 **fields: Any) -> Service:
+def make_service(
+    tmp: Path, name: str = "app", env: dict[str, str] | None = None, **fields: Any
+) -> Service:
     fields.setdefault("health", "/health")
     fields.setdefault("stop_timeout", 2)
     return Service.objects.create(
-        name=name, command=f"{sys.executable} {TESTAPP}", data_dir=str(tmp / "data"),
-        env=env or {}, **fields,
+        name=name,
+        command=f"{sys.executable} {TESTAPP}",
+        data_dir=str(tmp / "data"),
+        env=env or {},
+        **fields,
     )
 
 
@@ -105,8 +110,9 @@ async def test_readiness_gate_waits_for_first_healthy_answer(short_tmp: Path) ->
 
 
 async def test_no_health_path_gates_on_socket_accepting(short_tmp: Path) -> None:
-    service = await sync_to_async(make_service)(short_tmp, health="",
-                                                env={"TESTAPP_HEALTH": "fail"})
+    service = await sync_to_async(make_service)(
+        short_tmp, health="", env={"TESTAPP_HEALTH": "fail"}
+    )
     await sync_to_async(register)(service, "alice")
     async with supervising(short_tmp) as sup:
         rt = await sup.wake(KEY)
@@ -115,14 +121,17 @@ async def test_no_health_path_gates_on_socket_accepting(short_tmp: Path) -> None
 
 async def test_never_healthy_app_fails_its_start_within_startup_timeout(short_tmp: Path) -> None:
     service = await sync_to_async(make_service)(
-        short_tmp, env={"TESTAPP_HEALTH": "fail"}, startup_timeout=0.5, wake_timeout=1.5,
+        short_tmp,
+        env={"TESTAPP_HEALTH": "fail"},
+        startup_timeout=0.5,
+        wake_timeout=1.5,
     )
     await sync_to_async(register)(service, "alice")
     async with supervising(
         short_tmp, max_restarts=1, backoff_base_ms=2000, backoff_max_ms=5000
     ) as sup:
         started = time.monotonic()
-        with pytest.raises(InstanceUnavailable, match="not ready within 1.5s"):
+        with pytest.raises(InstanceUnavailable, match=r"not ready within 1\.5s"):
             await sup.wake(KEY)
         assert time.monotonic() - started < 2.5
         backoff = await aevents("app:alice", "backoff")
@@ -144,7 +153,10 @@ async def test_health_failures_restart_the_instance(short_tmp: Path) -> None:
         assert not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie"
         failures = await aevents("app:alice", "health_failed")
         assert len(failures) == 3
-        assert "3 consecutive health checks failed" in (await aevents("app:alice", "backoff"))[0].message
+        assert (
+            "3 consecutive health checks failed"
+            in (await aevents("app:alice", "backoff"))[0].message
+        )
         row = await sync_to_async(Instance.objects.get)(instance_id="alice")
         assert row.restart_count == 1
 
@@ -159,7 +171,7 @@ async def test_crash_loop_backs_off_exponentially_then_fails(short_tmp: Path) ->
             await sup.wake(KEY)  # answers at once, does not wait for wake_timeout
     starts = sorted(e.time.timestamp() for e in await aevents("app:alice", "starting"))
     assert len(starts) == 4  # the first start and 3 restarts
-    gaps = [b - a for a, b in zip(starts, starts[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
     for gap, delay in zip(gaps, (0.1, 0.2, 0.4), strict=True):
         assert gap >= delay * (1 - JITTER)
     failed = await aevents("app:alice", "failed")
@@ -278,8 +290,19 @@ async def test_environment_has_no_supervisor_secrets(
     assert env["GREETING"] == "hi alice"
     assert env["INSTANCE_ID"] == "alice" and env["SERVICE_NAME"] == "app"
     assert env["SOCKET_PATH"] == rt.spec.socket_path("alice")
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "TZ", "HOME", "DATA_DIR", "SOCKET_PATH",
-                        "INSTANCE_ID", "SERVICE_NAME", "GREETING", "LC_CTYPE"}
+    assert set(env) <= {
+        "PATH",
+        "LANG",
+        "LC_ALL",
+        "TZ",
+        "HOME",
+        "DATA_DIR",
+        "SOCKET_PATH",
+        "INSTANCE_ID",
+        "SERVICE_NAME",
+        "GREETING",
+        "LC_CTYPE",
+    }
 
 
 async def test_data_dir_persists_across_restarts_and_differs_per_tenant(short_tmp: Path) -> None:
@@ -326,7 +349,7 @@ async def test_no_fd_thread_or_child_growth_over_many_cycles(short_tmp: Path) ->
     await sync_to_async(register)(service, "alice")
     me = psutil.Process()
     async with supervising(short_tmp) as sup:
-        rt = await sup.wake(KEY)
+        await sup.wake(KEY)
         await sup.halt(KEY)
         baseline = (me.num_fds(), me.num_threads(), len(me.children()))
         for _ in range(15):

@@ -23,7 +23,9 @@ class InstanceActionCommand(OperatorCommand):
             "--no-wait", action="store_true", help="Record the request and return at once."
         )
         parser.add_argument(
-            "--timeout", type=float, default=60.0,
+            "--timeout",
+            type=float,
+            default=60.0,
             help="Seconds to wait for the instance to settle (default 60).",
         )
 
@@ -48,7 +50,7 @@ class InstanceActionCommand(OperatorCommand):
     def wait(self, instance: Instance, timeout: float) -> None:
         # Let the supervisor see the request before judging the state we read back.
         ops.wait_for_states(instance.pk, {State.STARTING, State.STOPPING}, min(timeout, 1.5))
-        final = ops.wait_for_states(instance.pk, self.target_states + (State.FAILED,), timeout)
+        final = ops.wait_for_states(instance.pk, (*self.target_states, State.FAILED), timeout)
         detail = f" (pid {final.pid})" if final.pid else ""
         if final.state == State.FAILED and State.FAILED not in self.target_states:
             raise CommandError(f"{final.key}: failed: {final.last_error}")

@@ -9,9 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
-from django.db import DatabaseError
+from django.db import DatabaseError, connection
 from django.db.migrations.executor import MigrationExecutor
-from django.db import connection
 
 from instances.ids import InstanceKey, InvalidName, parse_key
 from instances.operations import OperationError
@@ -53,7 +52,8 @@ class OperatorCommand(BaseCommand):
         parser = super().create_parser(prog_name, subcommand, **kwargs)
         # Applied by manage.py before settings load (see tenement_site.bootstrap).
         parser.add_argument(
-            "--data-dir", metavar="DIR",
+            "--data-dir",
+            metavar="DIR",
             help="State directory of the supervisor to talk to. Env: TENEMENT_DATA_DIR.",
         )
         return parser

@@ -87,7 +87,7 @@ class Supervisor:
         """One supervisor per data dir: two would each start a copy of every instance."""
         self.data_dir.mkdir(parents=True, exist_ok=True)
         path = self.data_dir / "supervisor.lock"
-        f = open(path, "a+")  # noqa: SIM115 - held for the supervisor's lifetime
+        f = open(path, "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -276,8 +276,13 @@ class Supervisor:
         return did
 
     def apply_settings(self, current: SupervisorSettings) -> bool:
-        fields = ("health_check_interval", "max_restarts", "restart_window",
-                  "backoff_base_ms", "backoff_max_ms")
+        fields = (
+            "health_check_interval",
+            "max_restarts",
+            "restart_window",
+            "backoff_base_ms",
+            "backoff_max_ms",
+        )
         if all(getattr(current, f) == getattr(self.settings, f) for f in fields):
             return False
         self.settings = current
@@ -460,8 +465,13 @@ class Supervisor:
         rt.next_health = self.clock() + self.settings.health_check_interval
         took = (self.clock() - rt.started_at) * 1000
         await self.set_state(
-            rt, State.RUNNING, "ready", f"ready in {took:.0f} ms (pid {rt.proc.pid if rt.proc else '?'})",
-            health_ok=True, health_checked_at=timezone.now(), last_activity=timezone.now(),
+            rt,
+            State.RUNNING,
+            "ready",
+            f"ready in {took:.0f} ms (pid {rt.proc.pid if rt.proc else '?'})",
+            health_ok=True,
+            health_checked_at=timezone.now(),
+            last_activity=timezone.now(),
             last_error="",
         )
         rt.ready.set()
@@ -473,8 +483,12 @@ class Supervisor:
         how = process.describe_exit(code)
         if rt.stopping in EXPECTED_STOPS:
             await self.set_state(
-                rt, State.STOPPED, "stopped", f"stopped ({rt.stopping}): {how}",
-                pid=None, last_exit_code=code,
+                rt,
+                State.STOPPED,
+                "stopped",
+                f"stopped ({rt.stopping}): {how}",
+                pid=None,
+                last_exit_code=code,
             )
             return
         reason = rt.failure or f"crashed: {how}"
@@ -488,17 +502,25 @@ class Supervisor:
         if delay is None:
             log.error("%s failed: %s; restarted too often, giving up", rt.key, reason)
             await self.set_state(
-                rt, State.FAILED, "failed",
+                rt,
+                State.FAILED,
+                "failed",
                 f"{reason}; more than {self.settings.max_restarts} restarts in "
                 f"{self.settings.restart_window:g}s: giving up until a manual start",
-                pid=None, last_error=reason,
+                pid=None,
+                last_error=reason,
             )
             return
         rt.backoff_until = self.clock() + delay
         log.warning("%s: %s; restarting in %.2fs", rt.key, reason, delay)
         await self.set_state(
-            rt, State.BACKOFF, "backoff", f"{reason}; restarting in {delay:.2f}s",
-            pid=None, last_error=reason, restart_count=_plus_one(),
+            rt,
+            State.BACKOFF,
+            "backoff",
+            f"{reason}; restarting in {delay:.2f}s",
+            pid=None,
+            last_error=reason,
+            restart_count=_plus_one(),
         )
 
     def request_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None] | None:
@@ -528,7 +550,8 @@ class Supervisor:
         """Health-check every running instance that is due. Returns whether any ran."""
         now = self.clock()
         due = [
-            rt for rt in self.runtimes.values()
+            rt
+            for rt in self.runtimes.values()
             if rt.state == State.RUNNING and rt.stopping is None and now >= rt.next_health
         ]
         if due:
@@ -540,7 +563,8 @@ class Supervisor:
         rt.next_health = self.clock() + interval
         async with self._health_gate:
             result = await health.check(
-                rt.spec.socket_path(rt.key.instance_id), rt.spec.health,
+                rt.spec.socket_path(rt.key.instance_id),
+                rt.spec.health,
                 min(interval, MAX_HEALTH_TIMEOUT),
             )
         if rt.state != State.RUNNING or rt.stopping:
@@ -562,7 +586,9 @@ class Supervisor:
         n = rt.health_failures
         await store.update(rt.pk, health_ok=False, health_checked_at=timezone.now())
         await store.record_event(
-            rt.pk, "health_failed", f"health check failed ({n}/{HEALTH_FAILURES_BEFORE_RESTART}): {detail}"
+            rt.pk,
+            "health_failed",
+            f"health check failed ({n}/{HEALTH_FAILURES_BEFORE_RESTART}): {detail}",
         )
         if n >= HEALTH_FAILURES_BEFORE_RESTART and rt.proc is not None:
             rt.failure = f"unhealthy: {n} consecutive health checks failed ({detail})"
@@ -597,7 +623,6 @@ class Supervisor:
             and rt.open_connections == 0
             and rt.idle_for(now) >= rt.spec.idle_timeout
         )
-
 
     async def flush_activity(self, force: bool = False) -> bool:
         """Copy last-activity stamps to the database in one batch, for display only."""
@@ -674,7 +699,9 @@ class Supervisor:
 
     # ---- persistence ------------------------------------------------------------------
 
-    async def set_state(self, rt: Runtime, new: str, kind: str, message: str, **fields: Any) -> None:
+    async def set_state(
+        self, rt: Runtime, new: str, kind: str, message: str, **fields: Any
+    ) -> None:
         old, rt.state = rt.state, new
         rt.notify()
         log.info("%s %s -> %s: %s", rt.key, old, new, message)
@@ -688,7 +715,11 @@ class Supervisor:
         """
         killed = 0
         for row in await store.leftovers():
-            state = Instance.State.FAILED if row.state == Instance.State.FAILED else Instance.State.STOPPED
+            state = (
+                Instance.State.FAILED
+                if row.state == Instance.State.FAILED
+                else Instance.State.STOPPED
+            )
             if row.pid and process.is_our_orphan(row.pid, row.pid_create_time):
                 log.warning("%s: killing pid %s left by a previous supervisor", row, row.pid)
                 await process.kill_orphan(row.pid, row.service.stop_timeout)

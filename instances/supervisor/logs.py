@@ -58,8 +58,10 @@ class LogCollector:
         return True
 
     def _write(self, batch: list[CapturedLine]) -> None:
-        rows = [LogLine(instance_id=c.instance_pk, stream=c.stream, time=c.time, text=c.text)
-                for c in batch]
+        rows = [
+            LogLine(instance_id=c.instance_pk, stream=c.stream, time=c.time, text=c.text)
+            for c in batch
+        ]
         LogLine.objects.bulk_create(rows, batch_size=500)
         for pk in {c.instance_pk for c in batch} - self.stored.keys():
             # First sight since start-up: count what earlier runs left, once.

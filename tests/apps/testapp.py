@@ -1,7 +1,8 @@
 """A tenant app whose misbehaviour the tests choose through environment variables.
 
 TESTAPP_START_DELAY  seconds to wait before listening
-TESTAPP_HEALTH       "ok" (default), "fail" (always 500), or "file" (500 while $DATA_DIR/unhealthy exists)
+TESTAPP_HEALTH       "ok" (default), "fail" (always 500),
+                     or "file" (500 while $DATA_DIR/unhealthy exists)
 TESTAPP_IGNORE_TERM  "1": ignore SIGTERM
 TESTAPP_EXIT_AFTER   seconds after start to exit with TESTAPP_EXIT_CODE (default 3)
 TESTAPP_LINES        print this many numbered lines to stdout at start

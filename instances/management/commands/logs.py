@@ -25,8 +25,11 @@ class Command(OperatorCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         qs = self.query(options)
         lines = list(qs.order_by("-id")[: max(0, options["limit"])])[::-1]
-        last = lines[-1].id if lines else (qs.order_by("-id").values_list("id", flat=True).first()
-                                           or 0)
+        last = (
+            lines[-1].id
+            if lines
+            else (qs.order_by("-id").values_list("id", flat=True).first() or 0)
+        )
         for line in lines:
             self.emit(line, options)
         if not options["follow"]:

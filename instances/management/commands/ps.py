@@ -32,8 +32,16 @@ class Command(OperatorCommand):
             self.stderr.write("note: no supervisor is running; states are as it left them")
         headers = ["INSTANCE", "STATE", "DESIRED", "PID", "UPTIME", "IDLE", "RESTARTS", "HEALTH"]
         cells = [
-            [r["instance"], r["state"], r["desired"], r["pid"], human_seconds(r["uptime"]),
-             human_seconds(r["idle"]), r["restarts"], r["health"]]
+            [
+                r["instance"],
+                r["state"],
+                r["desired"],
+                r["pid"],
+                human_seconds(r["uptime"]),
+                human_seconds(r["idle"]),
+                r["restarts"],
+                r["health"],
+            ]
             for r in rows
         ]
         self.stdout.write(table(cells, headers) if rows else "no instances registered")
@@ -42,8 +50,14 @@ class Command(OperatorCommand):
     def row(i: Instance, now: float) -> dict[str, Any]:
         health = {True: "ok", False: "failing", None: None}[i.health_ok]
         return {
-            "instance": str(i.key), "state": i.state, "desired": i.desired_state, "pid": i.pid,
-            "uptime": i.uptime_seconds(now), "idle": i.idle_seconds(now),
-            "restarts": i.restart_count, "health": health if i.state == "running" else None,
-            "always_on": i.always_on, "last_error": i.last_error or None,
+            "instance": str(i.key),
+            "state": i.state,
+            "desired": i.desired_state,
+            "pid": i.pid,
+            "uptime": i.uptime_seconds(now),
+            "idle": i.idle_seconds(now),
+            "restarts": i.restart_count,
+            "health": health if i.state == "running" else None,
+            "always_on": i.always_on,
+            "last_error": i.last_error or None,
         }

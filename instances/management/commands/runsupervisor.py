@@ -19,26 +19,30 @@ class Command(BaseCommand):
         "Run tenement: the supervisor (spawn, health-check, restart, idle-stop every instance) "
         "and the HTTP server, in one process. Stops every instance on SIGTERM/SIGINT."
     )
-    requires_system_checks: list[str] = []
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
-            "--config", metavar="FILE", default=os.environ.get("TENEMENT_CONFIG") or None,
+            "--config",
+            metavar="FILE",
+            default=os.environ.get("TENEMENT_CONFIG") or None,
             help="tenement.toml to load (synced into the database) and whose [instances] "
             "are started. Env: TENEMENT_CONFIG.",
         )
         parser.add_argument(
-            "--bind", metavar="HOST:PORT",
+            "--bind",
+            metavar="HOST:PORT",
             default=os.environ.get("TENEMENT_BIND") or "127.0.0.1:8000",
             help="Address for HTTP (default 127.0.0.1:8000). Env: TENEMENT_BIND.",
         )
         parser.add_argument("--no-http", action="store_true", help="Supervise only; no HTTP.")
         parser.add_argument(
-            "--domain", metavar="DOMAIN",
+            "--domain",
+            metavar="DOMAIN",
             help="Control host; tenants live at ID.SERVICE.DOMAIN. Env: TENEMENT_DOMAIN.",
         )
         parser.add_argument(
-            "--data-dir", metavar="DIR",
+            "--data-dir",
+            metavar="DIR",
             help="State directory: database, secret key, tenant data. Env: TENEMENT_DATA_DIR.",
         )
         parser.add_argument(
@@ -56,8 +60,9 @@ class Command(BaseCommand):
                 extra["tenement-http"] = http_task(bind_socket(options["bind"]))
             except (OSError, ValueError) as e:
                 raise CommandError(str(e)) from None
-            self.stdout.write(f"Listening on http://{options['bind']} (control host "
-                              f"{settings.TENEMENT_DOMAIN})")
+            self.stdout.write(
+                f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
+            )
         supervisor = Supervisor(settings.TENEMENT_DATA_DIR, extra_tasks=extra)
         try:
             code = asyncio.run(supervisor.run())
