@@ -1,0 +1,41 @@
+# The two commands of the README:
+#   make run    set up ./.venv and run the demo (examples/tenement.toml) on 127.0.0.1:8000
+#   make test   set up ./.venv with the test extras, then ruff and the whole test suite
+PYTHON ?= python3
+VENV := .venv
+BIND ?= 127.0.0.1:8000
+
+.PHONY: run test lint bench clean
+
+run: $(VENV)/.installed
+	./scripts/system-deps.sh run
+	$(VENV)/bin/python manage.py runsupervisor --config examples/tenement.toml --bind $(BIND)
+
+test: $(VENV)/.installed-dev
+	./scripts/system-deps.sh test
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/pytest
+
+lint: $(VENV)/.installed-dev
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+bench: $(VENV)/.installed-dev
+	$(VENV)/bin/python bench/supervisor_idle.py
+
+$(VENV)/bin/python:
+	./scripts/system-deps.sh run
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/bin/python
+	$(VENV)/bin/pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+clean:
+	rm -rf $(VENV) tenement-data *.egg-info

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Install the Debian packages tenement needs, only those that are missing.
+#   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
+#   scripts/system-deps.sh test   what `make test` needs (today the same as run)
+set -euo pipefail
+
+mode=${1:-run}
+missing=()
+
+python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
+command -v node >/dev/null 2>&1 || missing+=(nodejs)
+case "$mode" in
+  run|test) ;;
+  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+esac
+
+if ((${#missing[@]} == 0)); then
+  exit 0
+fi
+
+echo "Installing Debian packages: ${missing[*]}"
+sudo=""
+if [[ $(id -u) -ne 0 ]]; then
+  command -v sudo >/dev/null 2>&1 || {
+    echo "need root (or sudo) to install: ${missing[*]}" >&2
+    exit 1
+  }
+  sudo="sudo"
+fi
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq --no-install-recommends "${missing[@]}"
