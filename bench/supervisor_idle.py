@@ -1,0 +1,221 @@
+"""Supervisor footprint at idle, side by side with upstream `ten` 0.2.2, in one run.
+
+ours:     runsupervisor with 1,000 registered tenants, 20 of them running
+upstream: `ten serve` with 20 running instances (it has no registered-but-stopped tenants)
+
+Both run the same kind of stdlib Python app with health checks every 10 s. We report the
+supervisor process's RSS and its CPU use while nothing happens (median of several
+windows), and how long a start takes to pass the readiness gate.
+
+    python bench/supervisor_idle.py [--windows 3] [--window-seconds 10] [--ten PATH]
+
+`ten` is looked up at $TEN, then bench/.ten-venv/bin/ten; it is installed there with
+`python3 -m venv bench/.ten-venv && bench/.ten-venv/bin/pip install tenement==0.2.2`
+(a separate project, never a dependency of ours).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import re
+import signal
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+APP = REPO / "examples" / "apps" / "counter.py"
+TCP_APP = REPO / "bench" / "apps" / "tcp_app.py"
+TENANTS = 1000
+RUNNING = 20
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def idle_cpu(proc: psutil.Process, windows: int, seconds: float) -> tuple[float, float]:
+    """Median CPU % of one core over `windows` windows, and the RSS in MiB after them."""
+    samples = []
+    for i in range(windows):
+        before = sum(proc.cpu_times()[:2])
+        time.sleep(seconds)
+        samples.append((sum(proc.cpu_times()[:2]) - before) / seconds * 100)
+        log(f"  window {i + 1}/{windows}: {samples[-1]:.2f}% CPU")
+    return statistics.median(samples), proc.memory_info().rss / 2**20
+
+
+@contextlib.contextmanager
+def ours(root: Path) -> Iterator[tuple[psutil.Process, list[float]]]:
+    root.mkdir()
+    data = root / "data"
+    config = root / "tenement.toml"
+    ids = [f"t{i:04d}" for i in range(TENANTS)]
+    config.write_text(
+        f'[service.app]\ncommand = "{sys.executable} {APP}"\nhealth = "/health"\n'
+        f"[instances]\napp = {json.dumps(ids)}\n"
+    )
+    manage = [sys.executable, str(REPO / "manage.py")]
+    log(f"ours: registering {TENANTS} tenants")
+    subprocess.run(
+        [*manage, "loadconfig", str(config), "--data-dir", str(data)],
+        check=True,
+        capture_output=True,
+    )
+    db = data / "tenement.sqlite3"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(
+            "UPDATE instances_instance SET desired_state='stopped' WHERE instance_id >= ?",
+            (ids[RUNNING],),
+        )
+        conn.commit()
+    proc = subprocess.Popen(
+        [*manage, "runsupervisor", "--no-http", "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for("20 running", lambda: running_count(db) == RUNNING)
+        yield psutil.Process(proc.pid), lambda: sequential_starts(manage, data, ids)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+
+
+def running_count(db: Path) -> int:
+    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
+        return conn.execute(
+            "SELECT count(*) FROM instances_instance WHERE state='running'"
+        ).fetchone()[0]
+
+
+def sequential_starts(manage: list[str], data: Path, ids: list[str]) -> list[float]:
+    """Start 10 sleeping tenants one at a time; the supervisor's spawn-to-ready times."""
+    started = ids[RUNNING : RUNNING + 10]
+    for instance_id in started:
+        subprocess.run(
+            [*manage, "spawn", f"app:{instance_id}", "--data-dir", str(data)],
+            check=True,
+            capture_output=True,
+        )
+    with contextlib.closing(sqlite3.connect(data / "tenement.sqlite3", timeout=10)) as conn:
+        rows = conn.execute(
+            "SELECT e.message FROM instances_event e JOIN instances_instance i "
+            "ON i.id = e.instance_id WHERE e.kind='ready' AND i.instance_id IN "
+            f"({','.join('?' * len(started))})",
+            started,
+        ).fetchall()
+    return [float(re.search(r"ready in (\d+) ms", m).group(1)) for (m,) in rows]
+
+
+@contextlib.contextmanager
+def upstream(root: Path, ten: str) -> Iterator[tuple[psutil.Process, list[float]]]:
+    (root / "tenement.toml").write_text(
+        f'[settings]\ndata_dir = "{root}/data"\n'
+        f'[service.app]\ncommand = "{sys.executable} {TCP_APP}"\nhealth = "/health"\n'
+        "idle_timeout = 0\n"
+    )
+    server = ["--server", "http://127.0.0.1:18089"]
+    proc = subprocess.Popen(
+        [ten, "serve", "--port", "18089", "--domain", "localhost"],
+        cwd=root,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        time.sleep(1.5)
+        subprocess.run([ten, "token-gen"], cwd=root, check=True, capture_output=True)
+        spawn_times = []
+        for i in range(RUNNING):
+            started = time.monotonic()
+            subprocess.run(
+                [ten, *server, "spawn", f"app:t{i:04d}"], cwd=root, check=True, capture_output=True
+            )
+            spawn_times.append((time.monotonic() - started) * 1000)
+        yield psutil.Process(proc.pid), lambda: spawn_times
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+
+
+def find_ten(explicit: str | None) -> str | None:
+    for candidate in (explicit, os.environ.get("TEN"), REPO / "bench" / ".ten-venv/bin/ten"):
+        if candidate and Path(candidate).exists():
+            return str(candidate)
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--window-seconds", type=float, default=10)
+    parser.add_argument("--ten", help="path to the upstream ten binary")
+    args = parser.parse_args()
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="tb", dir="/tmp") as tmp:
+        with ours(Path(tmp) / "ours") as (proc, starts):
+            log("ours: settling 3 s, then measuring")
+            time.sleep(3)
+            cpu, rss = idle_cpu(proc, args.windows, args.window_seconds)
+            log("ours: 10 sequential starts")
+            ready = statistics.median(starts())
+            results["ours"] = (cpu, rss, ready, f"{TENANTS} registered, {RUNNING} running")
+        ten = find_ten(args.ten)
+        if ten:
+            (Path(tmp) / "up").mkdir()
+            with upstream(Path(tmp) / "up", ten) as (proc, spawns):
+                log("upstream: settling 3 s, then measuring")
+                time.sleep(3)
+                cpu, rss = idle_cpu(proc, args.windows, args.window_seconds)
+                results["upstream ten 0.2.2"] = (
+                    cpu,
+                    rss,
+                    statistics.median(spawns()),
+                    f"{RUNNING} running",
+                )
+        else:
+            log("upstream ten not found; install it (see --help) for the side-by-side row")
+    print(
+        "| supervisor | tenants | idle CPU (median, % of one core) | RSS (MiB) | start to ready "
+        "(median ms) |"
+    )
+    print("|---|---|---|---|---|")
+    for name, (cpu, rss, ready_ms, tenants) in results.items():
+        print(f"| {name} | {tenants} | {cpu:.2f} | {rss:.0f} | {ready_ms:.0f} |")
+    if len(results) == 2:
+        o, u = results["ours"], results["upstream ten 0.2.2"]
+        print(f"\nratio ours/upstream: RSS {o[1] / u[1]:.2f}x, idle CPU {o[0] / u[0]:.1f}x")
+    print(
+        "\nstart to ready: ours is the supervisor's spawn-to-first-healthy-check time for 10 "
+        "tenants started one at a time; upstream's is the wall time of `ten spawn` (which may "
+        "return before the app is healthy), so the two are not directly comparable. The "
+        "like-for-like cold-wake comparison belongs to the proxy benchmark."
+    )
+
+
+if __name__ == "__main__":
+    main()
