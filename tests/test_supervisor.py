@@ -360,3 +360,21 @@ async def test_no_fd_thread_or_child_growth_over_many_cycles(short_tmp: Path) ->
     assert after[0] <= baseline[0] + 2, (baseline, after)
     assert after[1] <= baseline[1], (baseline, after)
     assert after[2] == 0, (baseline, after)
+
+
+async def test_deregistered_instance_is_stopped_cleanly(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp, env={"TESTAPP_LINES": "50"})
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp) as sup:
+        rt = await sup.wake(KEY)
+        pid = rt.proc.pid
+        await sync_to_async(Instance.objects.filter(instance_id="alice").delete)()
+        sup._next_sync = 0
+        await sup.tick()
+        assert KEY not in sup.runtimes
+        await asyncio.wait_for(rt.task, 10)
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
+        assert rt.state == "stopped"
+        sup.logs.add(rt.pk, "stdout", "a line after deregistration")
+        await sup.logs.flush()  # must not raise an integrity error for the deleted row
+        assert await sync_to_async(LogLine.objects.count)() == 0

@@ -18,6 +18,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from django.db import DatabaseError
 from django.utils import timezone
 
 from instances.ids import InstanceKey
@@ -67,7 +68,6 @@ class Supervisor:
         self._next_activity_flush = 0.0
         self._next_beat = 0.0
         self._health_gate = asyncio.Semaphore(MAX_CONCURRENT_HEALTH_CHECKS)
-        self._lock_file: Any = None
         self._helpers: set[asyncio.Task[Any]] = set()
 
     # ---- top level -------------------------------------------------------------------
@@ -159,12 +159,14 @@ class Supervisor:
 
     async def reconcile_loop(self) -> None:
         while not self.stop_event.is_set():
-            await self.tick()
+            # Clear before the tick, so a poke that arrives during it is not lost.
+            self.wakeup.clear()
+            await survive_database_errors("reconcile", self.tick())
             await self.wait_for_wakeup(self.seconds_until_next_deadline())
 
     async def health_loop(self) -> None:
         while not self.stop_event.is_set():
-            await self.check_health()
+            await survive_database_errors("health check", self.check_health())
             await self.wait_for_wakeup(self.seconds_until_health_due(), wake=False)
 
     def seconds_until_health_due(self) -> float:
@@ -176,7 +178,7 @@ class Supervisor:
 
     async def log_loop(self) -> None:
         while not self.stop_event.is_set():
-            await self.logs.flush()
+            await survive_database_errors("log flush", self.logs.flush())
             full = asyncio.create_task(self.logs.full.wait(), name="tenement-log-full")
             stop = asyncio.create_task(self.stop_event.wait(), name="tenement-log-stop")
             _, pending = await asyncio.wait(
@@ -195,8 +197,6 @@ class Supervisor:
         finally:
             for task in waiters:
                 task.cancel()
-        if wake:
-            self.wakeup.clear()
 
     def poke(self) -> None:
         """Ask the reconcile loop to run now (a change, a finished start or stop)."""
@@ -727,6 +727,14 @@ class Supervisor:
                 killed += 1
             await store.update(row.pk, state=state, pid=None, pid_create_time=None)
         return killed
+
+
+async def survive_database_errors(what: str, work: Awaitable[Any]) -> None:
+    """A locked or briefly unreachable database must not take every instance down."""
+    try:
+        await work
+    except DatabaseError as e:
+        log.warning("%s: database error, retrying on the next pass: %s", what, e)
 
 
 def _plus_one() -> Any:

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 
 from asgiref.sync import sync_to_async
 
-from instances.models import LogLine
+from instances.models import Instance, LogLine
 from instances.supervisor.process import READ_LIMIT
 
 log = logging.getLogger("tenement.logs")
@@ -58,6 +58,13 @@ class LogCollector:
         return True
 
     def _write(self, batch: list[CapturedLine]) -> None:
+        # Lines of an instance deregistered meanwhile have nowhere to go.
+        live = set(
+            Instance.objects.filter(pk__in={c.instance_pk for c in batch}).values_list(
+                "pk", flat=True
+            )
+        )
+        batch = [c for c in batch if c.instance_pk in live]
         rows = [
             LogLine(instance_id=c.instance_pk, stream=c.stream, time=c.time, text=c.text)
             for c in batch

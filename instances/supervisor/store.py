@@ -78,15 +78,17 @@ def update_if_unchanged(pk: int, version: datetime | None, **fields: Any) -> boo
 
 @sync_to_async
 def transition(pk: int, old: str, new: str, kind: str, message: str, **fields: Any) -> None:
-    Instance.objects.filter(pk=pk).update(state=new, **fields)
-    Event.objects.create(
-        instance_id=pk, kind=kind, from_state=old, to_state=new, message=message[:2000]
-    )
+    # A deregistered instance may still be stopping: its row (and events) are gone.
+    if Instance.objects.filter(pk=pk).update(state=new, **fields):
+        Event.objects.create(
+            instance_id=pk, kind=kind, from_state=old, to_state=new, message=message[:2000]
+        )
 
 
 @sync_to_async
 def record_event(pk: int, kind: str, message: str) -> None:
-    Event.objects.create(instance_id=pk, kind=kind, message=message[:2000])
+    if Instance.objects.filter(pk=pk).exists():
+        Event.objects.create(instance_id=pk, kind=kind, message=message[:2000])
 
 
 @sync_to_async
