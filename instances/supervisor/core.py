@@ -464,6 +464,8 @@ class Supervisor:
         rt.health_ok = True
         rt.next_health = self.clock() + self.settings.health_check_interval
         took = (self.clock() - rt.started_at) * 1000
+        # Release waiting requests first; the database write can follow.
+        rt.ready.set()
         await self.set_state(
             rt,
             State.RUNNING,
@@ -474,8 +476,6 @@ class Supervisor:
             last_activity=timezone.now(),
             last_error="",
         )
-        rt.ready.set()
-        rt.notify()
 
     async def after_exit(self, rt: Runtime, code: int) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -592,8 +592,10 @@ class Supervisor:
         )
         if n >= HEALTH_FAILURES_BEFORE_RESTART and rt.proc is not None:
             rt.failure = f"unhealthy: {n} consecutive health checks failed ({detail})"
-            # Not an expected stop: the exit goes through the restart policy.
-            await process.terminate(rt.proc, rt.spec.stop_timeout)
+            rt.ready.clear()
+            # Not an expected stop: the exit goes through the restart policy. In the
+            # background, so a slow stop does not hold up other instances' checks.
+            self.spawn_helper(process.terminate(rt.proc, rt.spec.stop_timeout))
 
     async def reap_idle(self) -> bool:
         """Stop instances idle past idle_timeout with no open connection."""
