@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
-#   scripts/system-deps.sh test   what `make test` needs (today the same as run)
+#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL)
 set -euo pipefail
 
 mode=${1:-run}
@@ -10,7 +10,11 @@ missing=()
 python3 -c 'import ensurepip, venv' 2>/dev/null || missing+=(python3-venv)
 command -v node >/dev/null 2>&1 || missing+=(nodejs)
 case "$mode" in
-  run|test) ;;
+  run) ;;
+  test)
+    # A real PostgreSQL for the scaled-mode tests (the suite starts a throwaway cluster).
+    compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    ;;
   *) echo "usage: $0 run|test" >&2; exit 2 ;;
 esac
 

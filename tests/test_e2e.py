@@ -19,6 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
+from tests import postgres
 from tests.conftest import REPO, TESTAPP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -369,3 +370,30 @@ def unix_get(socket_path: str, path: str) -> str:
         return conn.getresponse().read().decode()
     finally:
         conn.close()
+
+
+@pytest.fixture(scope="module")
+def postgres_base() -> Iterator[str]:
+    with postgres.cluster() as url:
+        yield url
+
+
+def test_postgresql_database(deployment: Deployment, postgres_base: str) -> None:
+    """The same supervisor and CLI with DATABASE_URL pointing at a real PostgreSQL."""
+    deployment.env["DATABASE_URL"] = postgres.create_database(postgres_base, "tenement_e2e")
+    deployment.start("--config", str(deployment.config))
+
+    def states() -> dict[str, str]:
+        out = deployment.manage("ps", "--json")
+        return {r["instance"]: r["state"] for r in json.loads(out.stdout)} if out.stdout else {}
+
+    deployment.wait_for("all running on PostgreSQL", lambda: states() == ALL_RUNNING, 60)
+    assert not (deployment.data / "tenement.sqlite3").exists()
+    out = deployment.manage("spawn", "app:pg")
+    assert out.returncode == 0 and "app:pg: running" in out.stdout, out.stdout + out.stderr
+    out = deployment.manage("stop", "app:alice")
+    assert out.returncode == 0 and "app:alice: stopped" in out.stdout, out.stdout + out.stderr
+    logs = deployment.manage("logs", "app:pg", "--grep", "listening")
+    assert "stdout| listening on" in logs.stdout
+    deployment.supervisors[0].send_signal(signal.SIGTERM)
+    assert deployment.supervisors[0].wait(20) == 0
