@@ -15,15 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    ConfigDict,
-    Field,
-    NonNegativeInt,
-    PositiveInt,
-    ValidationError,
-)
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from instances.ids import check_label
 from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
@@ -70,20 +62,34 @@ def _health_path(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError("must not contain a NUL character")
+    return value
+
+
+# Bounds keep values inside what the database columns (32-bit ints) and timers can hold.
+MAX_INT = 2**31 - 1
+MAX_SECONDS = 366 * 86400
+
 ServiceName = Annotated[str, AfterValidator(lambda v: check_label(v, "service name"))]
 InstanceId = Annotated[str, AfterValidator(check_label)]
-Template = Annotated[str, _template(PLACEHOLDERS)]
-SocketTemplate = Annotated[str, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
-Seconds = Annotated[float, Field(ge=0)]
-PositiveSeconds = Annotated[float, Field(gt=0)]
+Text = Annotated[str, AfterValidator(_no_nul)]
+Template = Annotated[Text, _template(PLACEHOLDERS)]
+SocketTemplate = Annotated[Text, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
+Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
+PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
+PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_INT)]
 
 
 class _Table(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    # inf and nan would make timeouts (and so shutdown) unbounded.
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
 class SettingsTable(_Table):
-    data_dir: str = ""
+    data_dir: Text = ""
     health_check_interval: PositiveSeconds = 10
     max_restarts: NonNegativeInt = 3
     restart_window: PositiveSeconds = 300
@@ -256,6 +262,8 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems.append(f"service.{name}.command: empty command (got {fields['command']!r})")
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
+    if fields.get("socket"):
+        problems += _check_socket_template(name, fields["socket"], spec)
     for instance_id in ids:
         sock = spec.socket_path(instance_id)
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
@@ -264,6 +272,18 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
                 f"the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
     return problems
+
+
+def _check_socket_template(name: str, template: str, spec: ServiceSpec) -> list[str]:
+    where = f"service.{name}.socket"
+    if "{id}" not in template:
+        return [f"{where}: must contain {{id}} so tenants never share a socket (got {template!r})"]
+    if not os.path.isabs(spec.socket_path("x")):
+        return [
+            f"{where}: must be an absolute path, e.g. {{data_dir}}/run/{{name}}-{{id}}.sock "
+            f"(got {template!r})"
+        ]
+    return []
 
 
 def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
+import tempfile
 from pathlib import Path
 
 # Command-line options that choose where state lives; mapped onto environment variables.
@@ -27,17 +29,32 @@ def data_dir_from_env() -> Path:
     return Path(os.environ.get("TENEMENT_DATA_DIR") or "./tenement-data").resolve()
 
 
+def ensure_data_dir(data_dir: Path) -> None:
+    """Create the state directory private to us: it holds the database and secrets."""
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+def ensure_private_file(path: Path) -> None:
+    """Create an empty file 0600 if missing, so SQLite (and its -wal/-shm) start private."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
 def load_or_create_secret_key(data_dir: Path) -> str:
     """Return DJANGO_SECRET_KEY, or a key generated once and kept under data_dir (0600)."""
     if key := os.environ.get("DJANGO_SECRET_KEY"):
         return key
+    ensure_data_dir(data_dir)
     path = data_dir / "secret_key"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        # O_EXCL makes two processes starting together agree on one key.
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return path.read_text().strip()
-    with os.fdopen(fd, "w") as f:
-        f.write(secrets.token_urlsafe(50))
+    if not path.exists():
+        # Write aside, then link into place: link fails if another process won the race,
+        # and nobody ever reads a half-written key.
+        fd, tmp = tempfile.mkstemp(dir=data_dir, prefix=".secret_key.")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(50))
+            with contextlib.suppress(FileExistsError):
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
     return path.read_text().strip()

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import dj_database_url
 
-from tenement_site.bootstrap import data_dir_from_env, load_or_create_secret_key
+from tenement_site.bootstrap import (
+    data_dir_from_env,
+    ensure_data_dir,
+    ensure_private_file,
+    load_or_create_secret_key,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -28,6 +33,7 @@ def env_int(name: str, default: int) -> int:
 
 
 TENEMENT_DATA_DIR = data_dir_from_env()
+ensure_data_dir(TENEMENT_DATA_DIR)
 TENEMENT_DOMAIN = (os.environ.get("TENEMENT_DOMAIN") or "localhost").lower().rstrip(".")
 TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 
@@ -90,6 +96,8 @@ DATABASES = {
     )
 }
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # The database holds services' env (secrets): never world-readable.
+    ensure_private_file(_sqlite_path)
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     DATABASES["default"]["OPTIONS"] = {
         # WAL lets the CLI read while the supervisor writes; IMMEDIATE avoids

@@ -269,3 +269,30 @@ def test_boot_starts_config_instances_but_not_failed_ones(tmp_path: Path) -> Non
     Instance.objects.filter(instance_id="bob").update(state="failed")
     assert start_config_instances(config) == 3
     assert Instance.objects.get(instance_id="bob").desired_state == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[settings]\nmax_restarts = 99999999999999999999\n", "settings.max_restarts"),
+        ("[settings]\nmax_restarts = 3000000000\n", "less than or equal to 2147483647"),
+        ('[service.a]\ncommand = "python3"\nstop_timeout = inf\n', "service.a.stop_timeout"),
+        ('[service.a]\ncommand = "python3"\nidle_timeout = nan\n', "service.a.idle_timeout"),
+        ('[settings]\ndata_dir = "a\\u0000b"\n', "settings.data_dir: must not contain a NUL"),
+        ('[service.a]\ncommand = "python3 \\u0000"\n', "must not contain a NUL"),
+        (
+            '[service.a]\ncommand = "python3"\nsocket = "{data_dir}/shared.sock"\n',
+            "must contain {id} so tenants never share a socket",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nsocket = "run/{id}.sock"\n',
+            "must be an absolute path",
+        ),
+    ],
+)
+def test_hostile_values_are_config_errors_not_crashes(
+    tmp_path: Path, text: str, expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert expected in str(info.value)

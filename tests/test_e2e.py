@@ -55,6 +55,7 @@ class Deployment:
         self.config = root / "tenement.toml"
         self.config.write_text(CONFIG)
         self.supervisors: list[subprocess.Popen[bytes]] = []
+        self.others: list[subprocess.Popen[bytes]] = []
         self.app_pids: set[int] = set()
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")}
 
@@ -135,6 +136,9 @@ class Deployment:
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        for proc in self.others:
+            proc.kill()
+            proc.wait()
         # Apps orphaned by a kill -9 are no longer our descendants: kill them by pid.
         for pid in self.app_pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -157,12 +161,14 @@ def alive(pid: int) -> bool:
         return False
 
 
-def copies_of(service: str, instance_id: str) -> list[int]:
+def copies_of(deployment: Deployment, service: str, instance_id: str) -> list[int]:
+    """Pids of this deployment's copies of an instance (HOME is its own data dir)."""
+    home = str(deployment.data / service / instance_id)
     found = []
     for p in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error):
             env = p.environ()
-            if env.get("SERVICE_NAME") == service and env.get("INSTANCE_ID") == instance_id:
+            if env.get("INSTANCE_ID") == instance_id and env.get("HOME") == home:
                 found.append(p.pid)
     return found
 
@@ -173,6 +179,9 @@ ALL_RUNNING = {"app:alice": "running", "app:bob": "running", "stubborn:carol": "
 def test_sigterm_stops_every_instance_and_leaves_no_orphans(deployment: Deployment) -> None:
     sup = deployment.start("--config", str(deployment.config))
     rows = deployment.wait_states(ALL_RUNNING)
+    for private in ("", "tenement.sqlite3", "secret_key", "app/alice"):
+        mode = (deployment.data / private).stat().st_mode & 0o777
+        assert mode & 0o077 == 0, f"{private or 'data dir'} is {oct(mode)}"
     pids = [r["pid"] for r in rows.values()]
     sockets = [r["socket_path"] for r in rows.values()]
     assert all(alive(p) for p in pids)
@@ -202,7 +211,7 @@ def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
 
     # A stranger now holds a pid our database remembers (as if the pid were reused).
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
-    deployment.app_pids.add(stranger.pid)
+    deployment.others.append(stranger)
     assert deployment.manage("stop", "app:dave", "--no-wait").returncode == 0
     real_dave = deployment.rows()["app:dave"]["pid"]
     deployment.app_pids.add(real_dave)
@@ -215,15 +224,19 @@ def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
     )
 
     deployment.start()
+
+    def restarted() -> bool:
+        rows = deployment.rows()
+        return all(rows[k]["state"] == "running" and rows[k]["pid"] != p for k, p in old.items())
+
+    deployment.wait_for("fresh copies", restarted)
     rows = deployment.wait_states(ALL_RUNNING | {"app:dave": "stopped"})
     for key, pid in old.items():
         assert not alive(pid), f"{key}: leftover pid {pid} was not killed"
         assert rows[key]["pid"] != pid
     for service_id in ("app:alice", "app:bob", "stubborn:carol"):
-        assert copies_of(*service_id.split(":")) == [rows[service_id]["pid"]]
+        assert copies_of(deployment, *service_id.split(":")) == [rows[service_id]["pid"]]
     assert alive(stranger.pid), "a process whose pid was reused must never be killed"
-    stranger.kill()
-    stranger.wait()
 
 
 def test_operator_commands(deployment: Deployment) -> None:
@@ -305,7 +318,7 @@ def test_second_supervisor_on_same_data_dir_is_refused(deployment: Deployment) -
     out = deployment.manage("runsupervisor", "--no-http")
     assert out.returncode == 1
     assert "another supervisor" in out.stderr
-    assert copies_of("app", "alice") == [deployment.rows()["app:alice"]["pid"]]
+    assert copies_of(deployment, "app", "alice") == [deployment.rows()["app:alice"]["pid"]]
 
 
 def test_changes_from_another_process_apply_within_a_second(deployment: Deployment) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import json
 import os
@@ -56,7 +57,7 @@ async def supervising(tmp: Path, **settings: Any) -> AsyncIterator[Supervisor]:
     await sync_to_async(SupervisorSettings.objects.update_or_create)(
         pk=1, defaults={**FAST, **settings}
     )
-    sup = Supervisor(tmp / "state")
+    sup = Supervisor()
     await sup.startup()
     serving = asyncio.create_task(sup.serve(), name="test-serve")
     try:
@@ -378,3 +379,84 @@ async def test_deregistered_instance_is_stopped_cleanly(short_tmp: Path) -> None
         sup.logs.add(rt.pk, "stdout", "a line after deregistration")
         await sup.logs.flush()  # must not raise an integrity error for the deleted row
         assert await sync_to_async(LogLine.objects.count)() == 0
+
+
+async def test_instances_that_cannot_idle_do_not_make_the_loop_spin(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp, idle_timeout=0.2)
+    await sync_to_async(register)(service, "alice", "bob")
+    await sync_to_async(Instance.objects.filter(instance_id="alice").update)(always_on=True)
+    async with supervising(short_tmp) as sup:
+        await sup.wake(KEY)
+        await sup.wake(InstanceKey("app", "bob"))
+        sup.connection_opened(InstanceKey("app", "bob"))  # e.g. an open WebSocket
+        await asyncio.sleep(0.5)  # both are past their idle deadline now
+        assert sup.seconds_until_next_deadline() > 0.1
+        assert sup.runtimes[KEY].state == "running"
+
+
+async def test_deleted_and_reregistered_key_never_runs_twice(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp)
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp) as sup:
+        old = await sup.wake(KEY)
+        old_pid = old.proc.pid
+
+        def recreate() -> None:
+            Instance.objects.filter(instance_id="alice").delete()
+            register(service, "alice", desired="running")
+
+        await sync_to_async(recreate)()
+        sup._next_sync = 0
+        await sup.tick()
+        new = sup.runtimes[KEY]
+        assert new is not old and set(sup.by_pk) == {new.pk}
+        await wait_state(new, "running")
+        await asyncio.wait_for(old.task, 10)
+        assert not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie"
+
+
+async def test_wake_fails_fast_when_the_instance_is_deregistered(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp, env={"TESTAPP_START_DELAY": "5"})
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp) as sup:
+        waking = asyncio.create_task(sup.wake(KEY))
+        await wait_state(sup.runtimes[KEY], "starting")
+        await sync_to_async(Instance.objects.filter(instance_id="alice").delete)()
+        sup._next_sync = 0
+        started = time.monotonic()
+        await sup.tick()
+        with pytest.raises(InstanceUnavailable, match="deregistered"):
+            await waking
+        assert time.monotonic() - started < 3
+
+
+async def test_a_bad_health_path_fails_checks_without_killing_the_supervisor(
+    short_tmp: Path,
+) -> None:
+    service = await sync_to_async(make_service)(short_tmp)
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp) as sup:
+        rt = await sup.wake(KEY)
+        rt.proc_spec = dataclasses.replace(rt.proc_spec, health="/é")  # as if saved in admin
+        rt.next_health = 0
+        await sup.check_health()
+        assert rt.health_failures == 1
+        failure = (await aevents("app:alice", "health_failed"))[0].message
+        assert "cannot run the health check" in failure
+        assert not sup.stop_event.is_set()
+
+
+async def test_a_line_longer_than_the_pipe_buffer_is_kept_in_pieces(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp, env={"TESTAPP_LONG_LINE": "150000"})
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp) as sup:
+        await sup.wake(KEY)
+        await asyncio.sleep(0.1)
+        await sup.logs.flush()
+        texts = await sync_to_async(list)(
+            LogLine.objects.filter(instance__instance_id="alice").values_list("text", flat=True)
+        )
+    pieces = [t for t in texts if t.startswith("L")]
+    assert sum(len(t) for t in pieces) >= 150000 - len(pieces)  # at most the 16 KiB row cap
+    assert "after the long line" in texts
+    assert not any("\n" in t for t in texts)

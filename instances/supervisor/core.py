@@ -9,13 +9,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from datetime import datetime
-from pathlib import Path
+from datetime import datetime, timedelta
 from typing import Any
 
 from django.db import DatabaseError
@@ -33,6 +31,9 @@ from instances.supervisor.signals import stop_on_signals
 log = logging.getLogger("tenement.supervisor")
 
 SYNC_INTERVAL = 1.0  # other processes' changes take effect within this
+# updated_at is stamped before the writer commits; look back this far so a slow commit is
+# not missed (seen_version drops the rows we already applied).
+WATERMARK_GRACE = timedelta(seconds=5)
 ACTIVITY_FLUSH_INTERVAL = 5.0
 HEARTBEAT_INTERVAL = 5.0
 HEALTH_FAILURES_BEFORE_RESTART = 3
@@ -48,12 +49,10 @@ class InstanceUnavailable(Exception):
 class Supervisor:
     def __init__(
         self,
-        data_dir: Path,
         *,
         clock: Callable[[], float] = time.monotonic,
         extra_tasks: dict[str, Callable[[Supervisor], Awaitable[None]]] | None = None,
     ) -> None:
-        self.data_dir = data_dir
         self.clock = clock
         self.extra_tasks = extra_tasks or {}
         self.runtimes: dict[InstanceKey, Runtime] = {}
@@ -75,35 +74,12 @@ class Supervisor:
     async def run(self) -> int:
         """Run until SIGTERM/SIGINT or stop_event; stop every instance before returning."""
         loop = asyncio.get_running_loop()
-        with stop_on_signals(loop, self.stop_event), self.data_dir_lock():
+        with stop_on_signals(loop, self.stop_event):
             await self.startup()
             try:
                 return await self.serve()
             finally:
                 await self.shutdown()
-
-    @contextlib.contextmanager
-    def data_dir_lock(self) -> Any:
-        """One supervisor per data dir: two would each start a copy of every instance."""
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        path = self.data_dir / "supervisor.lock"
-        f = open(path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "unknown"
-            f.close()
-            raise RuntimeError(
-                f"another supervisor (pid {holder}) is using {self.data_dir}; stop it first"
-            ) from None
-        f.truncate(0)
-        f.write(str(os.getpid()))
-        f.flush()
-        try:
-            yield
-        finally:
-            f.close()
 
     async def startup(self) -> None:
         await self.recover()
@@ -140,7 +116,7 @@ class Supervisor:
         live = [rt for rt in self.runtimes.values() if rt.proc is not None or rt.busy]
         if live:
             log.info("stopping %d instances", len(live))
-        deadline = max((rt.spec.stop_timeout for rt in live), default=0) + SHUTDOWN_SLACK
+        deadline = max((rt.run_spec.stop_timeout for rt in live), default=0) + SHUTDOWN_SLACK
         for rt in live:
             self.request_stop(rt, "shutdown")
         pending = [t for rt in live for t in (rt.task, rt.stop_task) if t is not None]
@@ -172,7 +148,7 @@ class Supervisor:
     def seconds_until_health_due(self) -> float:
         interval = self.settings.health_check_interval
         now = self.clock()
-        due = [rt.next_health - now for rt in self.runtimes.values() if rt.state == State.RUNNING]
+        due = [rt.next_health - now for rt in self.runtimes.values() if self.health_applies(rt)]
         # New instances become due a full interval after they start, so `interval` is a safe cap.
         return max(0.01, min([interval, *due]))
 
@@ -208,7 +184,7 @@ class Supervisor:
         for rt in self.runtimes.values():
             if rt.state == State.BACKOFF:
                 due.append(rt.backoff_until)
-            elif rt.state == State.RUNNING and rt.spec.idle_timeout > 0:
+            elif self.may_idle(rt):
                 due.append(rt.last_activity + rt.spec.idle_timeout)
         return min(d - now for d in due)
 
@@ -239,6 +215,8 @@ class Supervisor:
 
     def add_runtime(self, row: Instance) -> Runtime:
         key = InstanceKey(row.service.name, row.instance_id)
+        if (old := self.runtimes.get(key)) is not None and old.pk != row.pk:
+            self.forget(old)  # deleted and registered again under the same key
         rt = Runtime(
             pk=row.pk,
             key=key,
@@ -262,7 +240,6 @@ class Supervisor:
         """Pick up changes other processes made to the database since the last look."""
         started = timezone.now()
         changes = await store.changes_since(self.watermark)
-        self.watermark = started
         did = self.apply_settings(changes.settings)
         specs = {s.name: ServiceSpec.from_model(s) for s in changes.services}
         for rt in self.runtimes.values():
@@ -271,8 +248,10 @@ class Supervisor:
                 did = True
         for row in changes.instances:
             did |= await self.apply_row(row)
-        if changes.instance_count != len(self.runtimes):
+        if changes.instance_count != len(self.by_pk):
             did |= await self.drop_deleted()
+        # Only now: a failure above retries the same window on the next pass.
+        self.watermark = started - WATERMARK_GRACE
         return did
 
     def apply_settings(self, current: SupervisorSettings) -> bool:
@@ -299,7 +278,6 @@ class Supervisor:
             return True
         if row.updated_at == rt.seen_version:
             return False
-        rt.seen_version = row.updated_at
         rt.desired = row.desired_state
         rt.always_on = row.always_on
         rt.spec = ServiceSpec.from_model(row.service)
@@ -308,6 +286,7 @@ class Supervisor:
             await store.clear_restart_request(rt.pk)
         if rt.state == State.FAILED and rt.desired == Desired.RUNNING:
             await self.clear_failed(rt, "manual start")
+        rt.seen_version = row.updated_at
         return True
 
     async def clear_failed(self, rt: Runtime, why: str) -> None:
@@ -315,14 +294,23 @@ class Supervisor:
         await self.set_state(rt, State.STOPPED, "reset", f"failed state cleared by {why}")
 
     async def drop_deleted(self) -> bool:
-        present = {row.pk for row in await store.load_instances()}
-        gone = [rt for rt in self.runtimes.values() if rt.pk not in present]
+        rows = await store.load_instances()
+        present = {row.pk for row in rows}
+        gone = [rt for rt in self.by_pk.values() if rt.pk not in present]
         for rt in gone:
-            log.info("%s was deregistered; stopping it", rt.key)
-            self.request_stop(rt, "removed")
+            self.forget(rt)
+        # A row committed late (older updated_at than our watermark) shows up here too.
+        added = [self.add_runtime(row) for row in rows if row.pk not in self.by_pk]
+        return bool(gone or added)
+
+    def forget(self, rt: Runtime) -> None:
+        """Drop a deregistered instance, stopping its process if it has one."""
+        log.info("%s was deregistered; stopping it", rt.key)
+        self.request_stop(rt, "removed")
+        self.by_pk.pop(rt.pk, None)
+        if self.runtimes.get(rt.key) is rt:
             del self.runtimes[rt.key]
-            del self.by_pk[rt.pk]
-        return bool(gone)
+        rt.notify()
 
     # ---- reconcile ------------------------------------------------------------------
 
@@ -374,6 +362,8 @@ class Supervisor:
         """Begin a start attempt; the task owns the process until it exits."""
         rt.stopping = rt.failure = None
         rt.restart_pending = False
+        # A config change applies from the next start; this process keeps its own spec.
+        rt.proc_spec = rt.spec
         rt.task = asyncio.create_task(self.lifecycle(rt), name=f"instance {rt.key}")
         return rt.task
 
@@ -384,7 +374,7 @@ class Supervisor:
             # A bug here must not become a tight restart loop: treat it as a failed start.
             log.exception("%s: internal error in its lifecycle", rt.key)
             if rt.proc is not None:
-                await process.terminate(rt.proc, rt.spec.stop_timeout)
+                await process.terminate(rt.proc, rt.run_spec.stop_timeout)
             await self.handle_failure(rt, f"internal error: {e!r}")
         finally:
             rt.proc = None
@@ -402,15 +392,15 @@ class Supervisor:
             await proc.wait()
         elif rt.stopping is None and proc.returncode is None:
             # (If it already exited, after_exit reports how: that is the real reason.)
-            rt.failure = f"not healthy within startup_timeout ({rt.spec.startup_timeout:g}s)"
-            await process.terminate(proc, rt.spec.stop_timeout)
+            rt.failure = f"not healthy within startup_timeout ({rt.run_spec.startup_timeout:g}s)"
+            await process.terminate(proc, rt.run_spec.stop_timeout)
         code = await proc.wait()
         await self.after_exit(rt, code)
 
     async def spawn_process(self, rt: Runtime) -> asyncio.subprocess.Process | None:
         await self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
         try:
-            proc = await process.spawn(rt.spec, rt.key.instance_id)
+            proc = await process.spawn(rt.run_spec, rt.key.instance_id)
         except (process.SpawnError, ValueError) as e:
             await self.handle_failure(rt, str(e))
             return None
@@ -419,24 +409,24 @@ class Supervisor:
         await store.update(
             rt.pk,
             pid=proc.pid,
-            pid_create_time=process.create_time(proc.pid),
-            socket_path=rt.spec.socket_path(rt.key.instance_id),
+            pid_create_time=process.start_ticks(proc.pid),
+            socket_path=rt.run_spec.socket_path(rt.key.instance_id),
             started_at=timezone.now(),
         )
         self.attach_logs(rt, proc)
         if rt.stopping:  # a stop arrived while we were spawning
-            await process.terminate(proc, rt.spec.stop_timeout)
+            await process.terminate(proc, rt.run_spec.stop_timeout)
         return proc
 
     def attach_logs(self, rt: Runtime, proc: asyncio.subprocess.Process) -> None:
-        self.logs.retention[rt.pk] = rt.spec.log_retention_lines
+        self.logs.retention[rt.pk] = rt.run_spec.log_retention_lines
         for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             if pipe is not None:
                 self.spawn_helper(self.logs.capture(rt.pk, name, pipe))
 
     async def await_ready(self, rt: Runtime, proc: asyncio.subprocess.Process) -> bool:
         """Probe until the first healthy answer, the process exits, a stop, or the deadline."""
-        deadline = self.clock() + rt.spec.startup_timeout
+        deadline = self.clock() + rt.run_spec.startup_timeout
         delay = 0.002
         exited = asyncio.create_task(proc.wait(), name=f"exit-watch {rt.key}")
         try:
@@ -444,13 +434,9 @@ class Supervisor:
                 left = deadline - self.clock()
                 if left <= 0:
                     return False
-                result = await health.check(
-                    rt.spec.socket_path(rt.key.instance_id),
-                    rt.spec.health,
-                    min(left, MAX_HEALTH_TIMEOUT),
-                )
+                result = await self.probe(rt, min(left, MAX_HEALTH_TIMEOUT))
                 if result.ok:
-                    return True
+                    return not rt.stopping  # a stop that arrived during the probe wins
                 # Wait for the process to exit or the next probe, whichever comes first.
                 await asyncio.wait([exited], timeout=min(delay, max(0.0, left)))
                 delay = min(delay * 1.5, 0.05)
@@ -479,7 +465,7 @@ class Supervisor:
 
     async def after_exit(self, rt: Runtime, code: int) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(rt.spec.socket_path(rt.key.instance_id))
+            os.unlink(rt.run_spec.socket_path(rt.key.instance_id))
         how = process.describe_exit(code)
         if rt.stopping in EXPECTED_STOPS:
             await self.set_state(
@@ -540,9 +526,10 @@ class Supervisor:
         # With no process yet, spawn_process sees rt.stopping and stops what it starts.
         if rt.proc is not None:
             await self.set_state(rt, State.STOPPING, "stopping", f"stopping ({reason})")
-            await process.terminate(rt.proc, rt.spec.stop_timeout)
+            await process.terminate(rt.proc, rt.run_spec.stop_timeout)
         if rt.task is not None:
             await rt.task
+        rt.notify()  # wakers waiting on a stop-in-flight re-check now
 
     # ---- periodic duties --------------------------------------------------------------
 
@@ -550,29 +537,36 @@ class Supervisor:
         """Health-check every running instance that is due. Returns whether any ran."""
         now = self.clock()
         due = [
-            rt
-            for rt in self.runtimes.values()
-            if rt.state == State.RUNNING and rt.stopping is None and now >= rt.next_health
+            rt for rt in self.runtimes.values() if self.health_applies(rt) and now >= rt.next_health
         ]
         if due:
             await asyncio.gather(*(self.check_one(rt) for rt in due))
         return bool(due)
 
+    @staticmethod
+    def health_applies(rt: Runtime) -> bool:
+        return rt.state == State.RUNNING and rt.stopping is None and rt.failure is None
+
     async def check_one(self, rt: Runtime) -> None:
         interval = self.settings.health_check_interval
         rt.next_health = self.clock() + interval
         async with self._health_gate:
-            result = await health.check(
-                rt.spec.socket_path(rt.key.instance_id),
-                rt.spec.health,
-                min(interval, MAX_HEALTH_TIMEOUT),
-            )
+            result = await self.probe(rt, min(interval, MAX_HEALTH_TIMEOUT))
         if rt.state != State.RUNNING or rt.stopping:
             return  # it was stopped while we were checking
         if result.ok:
             await self.health_passed(rt)
         else:
             await self.health_failed(rt, result.detail)
+
+    @staticmethod
+    async def probe(rt: Runtime, timeout: float) -> health.HealthResult:
+        """One health check against the spec the process was started with."""
+        spec = rt.run_spec
+        try:
+            return await health.check(spec.socket_path(rt.key.instance_id), spec.health, timeout)
+        except Exception as e:  # a bad path or template must fail the check, not the loop
+            return health.HealthResult(False, f"cannot run the health check: {e}")
 
     async def health_passed(self, rt: Runtime) -> None:
         rt.health_failures = 0
@@ -595,7 +589,7 @@ class Supervisor:
             rt.ready.clear()
             # Not an expected stop: the exit goes through the restart policy. In the
             # background, so a slow stop does not hold up other instances' checks.
-            self.spawn_helper(process.terminate(rt.proc, rt.spec.stop_timeout))
+            self.spawn_helper(process.terminate(rt.proc, rt.run_spec.stop_timeout))
 
     async def reap_idle(self) -> bool:
         """Stop instances idle past idle_timeout with no open connection."""
@@ -604,27 +598,29 @@ class Supervisor:
         for rt in list(self.runtimes.values()):
             if not self.is_idle(rt, now):
                 continue
-            stopped = await store.update_if_unchanged(
-                rt.pk, rt.seen_version, desired_state=Desired.STOPPED
-            )
-            if not stopped:
-                continue  # an operator changed it meanwhile; sync will pick that up
-            rt.desired = Desired.STOPPED
+            # Decide and start stopping with no await in between, so a request cannot slip
+            # in unnoticed; one that arrives later simply wakes it again.
             log.info("%s idle for %.0fs; stopping", rt.key, rt.idle_for(now))
+            rt.desired = Desired.STOPPED
             self.request_stop(rt, "idle")
+            # If an operator changed the row meanwhile, this loses and the sync applies theirs.
+            await store.update_if_unchanged(rt.pk, rt.seen_version, desired_state=Desired.STOPPED)
             reaped = True
         return reaped
 
     @staticmethod
-    def is_idle(rt: Runtime, now: float) -> bool:
+    def may_idle(rt: Runtime) -> bool:
+        """Running, reapable and with no open connection: its idle clock is ticking."""
         return (
             rt.state == State.RUNNING
             and rt.stopping is None
             and not rt.always_on
             and rt.spec.idle_timeout > 0
             and rt.open_connections == 0
-            and rt.idle_for(now) >= rt.spec.idle_timeout
         )
+
+    def is_idle(self, rt: Runtime, now: float) -> bool:
+        return self.may_idle(rt) and rt.idle_for(now) >= rt.spec.idle_timeout
 
     async def flush_activity(self, force: bool = False) -> bool:
         """Copy last-activity stamps to the database in one batch, for display only."""
@@ -674,6 +670,8 @@ class Supervisor:
             async with asyncio.timeout(limit):
                 while not rt.ready.is_set():
                     changed = rt.changed
+                    if self.stop_event.is_set() or self.runtimes.get(key) is not rt:
+                        raise InstanceUnavailable(f"{key} is shutting down or was deregistered")
                     if rt.state == State.FAILED and not rt.has_process:
                         raise InstanceUnavailable(f"{key} failed: {rt.failure or 'crash loop'}")
                     if rt.state == State.STOPPED and not rt.busy:
@@ -715,19 +713,19 @@ class Supervisor:
         The pid alone is not proof (it may have been reused), so pid and start
         time must both match. Returns how many processes were killed.
         """
+        rows = await store.leftovers()
+        killed = await asyncio.gather(*(self.recover_one(row) for row in rows))
+        return sum(killed)
+
+    async def recover_one(self, row: Instance) -> int:
+        state = Instance.State.FAILED if row.state == Instance.State.FAILED else State.STOPPED
         killed = 0
-        for row in await store.leftovers():
-            state = (
-                Instance.State.FAILED
-                if row.state == Instance.State.FAILED
-                else Instance.State.STOPPED
-            )
-            if row.pid and process.is_our_orphan(row.pid, row.pid_create_time):
-                log.warning("%s: killing pid %s left by a previous supervisor", row, row.pid)
-                await process.kill_orphan(row.pid, row.service.stop_timeout)
-                await store.record_event(row.pk, "recovered", f"killed leftover pid {row.pid}")
-                killed += 1
-            await store.update(row.pk, state=state, pid=None, pid_create_time=None)
+        if row.pid and process.is_our_orphan(row.pid, row.pid_create_time):
+            log.warning("%s: killing pid %s left by a previous supervisor", row, row.pid)
+            await process.kill_orphan(row.pid, row.service.stop_timeout)
+            await store.record_event(row.pk, "recovered", f"killed leftover pid {row.pid}")
+            killed = 1
+        await store.update(row.pk, state=state, pid=None, pid_create_time=None)
         return killed
 
 

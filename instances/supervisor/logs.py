@@ -10,13 +10,15 @@ from datetime import UTC, datetime
 from asgiref.sync import sync_to_async
 
 from instances.models import Instance, LogLine
-from instances.supervisor.process import READ_LIMIT
 
 log = logging.getLogger("tenement.logs")
 
 MAX_LINE_CHARS = 16 * 1024
 FLUSH_INTERVAL = 0.25
 FLUSH_BATCH = 2000
+# Past this many unwritten lines, new ones are dropped (and counted) rather than letting
+# one runaway app fill memory and starve the database thread the supervisor needs.
+MAX_BUFFERED = 50_000
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class LogCollector:
         # Rows per instance since the last trim, so retention costs no COUNT per flush.
         self.stored: dict[int, int] = {}
         self.retention: dict[int, int] = {}
+        self.dropped: dict[int, int] = {}
 
     async def capture(self, instance_pk: int, stream: str, reader: asyncio.StreamReader) -> None:
         """Read one pipe until EOF (the app exited or closed it)."""
@@ -44,6 +47,10 @@ class LogCollector:
             self.add(instance_pk, stream, text[:MAX_LINE_CHARS])
 
     def add(self, instance_pk: int, stream: str, text: str) -> None:
+        if len(self.buffer) >= MAX_BUFFERED:
+            self.dropped[instance_pk] = self.dropped.get(instance_pk, 0) + 1
+            self.full.set()
+            return
         self.buffer.append(CapturedLine(instance_pk, stream, datetime.now(UTC), text))
         if len(self.buffer) >= FLUSH_BATCH:
             self.full.set()
@@ -51,6 +58,9 @@ class LogCollector:
     async def flush(self) -> bool:
         """Write what is buffered and apply retention. Returns whether anything was written."""
         self.full.clear()
+        for pk, n in self.dropped.items():
+            log.warning("instance %s: dropped %d log lines (logging faster than stored)", pk, n)
+        self.dropped.clear()
         if not self.buffer:
             return False
         batch, self.buffer = self.buffer, []
@@ -93,8 +103,11 @@ class LogCollector:
 
 
 async def _read_line(reader: asyncio.StreamReader) -> bytes:
+    """The next line; a line longer than the buffer comes back in buffer-sized pieces."""
     try:
-        return await reader.readline()
-    except ValueError:
-        # A line longer than the pipe's buffer limit: take what is there as one line.
-        return await reader.read(READ_LIMIT)
+        return await reader.readuntil(b"\n")
+    except asyncio.IncompleteReadError as e:
+        return e.partial  # end of output: the last, unterminated line (or b"")
+    except asyncio.LimitOverrunError as e:
+        # readline() would discard the buffer here; readuntil() leaves it for us to take.
+        return await reader.read(max(e.consumed, 1))

@@ -31,9 +31,20 @@ def prepare_dirs(spec: ServiceSpec, instance_id: str) -> Path:
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     socket = Path(spec.socket_path(instance_id))
     socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    _check_owned(socket.parent)
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()
     return data
+
+
+def _check_owned(folder: Path) -> None:
+    """Refuse a socket folder someone else controls (e.g. pre-created in /tmp)."""
+    st = folder.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise SpawnError(
+            f"socket folder {folder} is owned by uid {st.st_uid} or writable by others; "
+            "refusing to put the socket there"
+        )
 
 
 def resolve_program(argv: list[str], env: dict[str, str], cwd: Path) -> str:
@@ -137,14 +148,12 @@ def describe_exit(code: int | None) -> str:
     return f"exited with code {code}"
 
 
-def is_our_orphan(pid: int, create_time: float | None) -> bool:
+def is_our_orphan(pid: int, started: float | None) -> bool:
     """True only if pid is still the very process we started (same start time, own group)."""
-    if not pid or create_time is None:
+    if not pid or started is None or start_ticks(pid) != started:
         return False
     try:
-        proc = psutil.Process(pid)
-        same = abs(proc.create_time() - create_time) < 0.01
-        return same and os.getpgid(pid) == pid and proc.status() != psutil.STATUS_ZOMBIE
+        return os.getpgid(pid) == pid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except (psutil.Error, ProcessLookupError):
         return False
 
@@ -167,8 +176,17 @@ def _group_alive(pgid: int) -> bool:
         return False
 
 
-def create_time(pid: int) -> float | None:
+def start_ticks(pid: int) -> float | None:
+    """A process's start time in clock ticks since boot (field 22 of /proc/PID/stat).
+
+    psutil's create_time() adds the wall-clock boot time, which moves when the clock is
+    stepped; this does not, so a clock change cannot make us miss (or mistake) a process.
+    """
     try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
         return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = stat[stat.rindex(b")") + 2 :].split()
+    return float(fields[19])

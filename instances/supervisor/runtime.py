@@ -24,6 +24,8 @@ class Runtime:
     key: InstanceKey
     spec: ServiceSpec
     policy: RestartPolicy
+    # The spec the current process was started with (socket, health, stop_timeout...).
+    proc_spec: ServiceSpec | None = None
     desired: str = Desired.STOPPED
     state: str = State.STOPPED
     always_on: bool = False
@@ -51,6 +53,10 @@ class Runtime:
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    @property
+    def run_spec(self) -> ServiceSpec:
+        return self.proc_spec or self.spec
 
     @property
     def has_process(self) -> bool:

@@ -6,6 +6,7 @@ TESTAPP_HEALTH       "ok" (default), "fail" (always 500),
 TESTAPP_IGNORE_TERM  "1": ignore SIGTERM
 TESTAPP_EXIT_AFTER   seconds after start to exit with TESTAPP_EXIT_CODE (default 3)
 TESTAPP_LINES        print this many numbered lines to stdout at start
+TESTAPP_LONG_LINE    print one line of this many bytes, then "after the long line"
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ def main() -> None:
         signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
     for i in range(int(ENV.get("TESTAPP_LINES", "0"))):
         print(f"line {i}", flush=True)
+    if long_line := int(ENV.get("TESTAPP_LONG_LINE", "0")):
+        print("L" * long_line + "\nafter the long line", flush=True)
     if exit_after := ENV.get("TESTAPP_EXIT_AFTER"):
         code = int(ENV.get("TESTAPP_EXIT_CODE", "3"))
         threading.Timer(float(exit_after), lambda: os._exit(code)).start()

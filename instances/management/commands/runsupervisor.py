@@ -10,6 +10,7 @@ from django.core.management.base import BaseCommand, CommandError
 from instances.config import ConfigError, load_config
 from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
+from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_socket, http_task
 
@@ -50,6 +51,14 @@ class Command(BaseCommand):
         )
 
     def handle(self, *args: Any, **options: Any) -> None:
+        # Before anything writes: a refused second supervisor must change nothing.
+        try:
+            with data_dir_lock(settings.TENEMENT_DATA_DIR):
+                self.run(options)
+        except DataDirBusy as e:
+            raise CommandError(str(e)) from None
+
+    def run(self, options: dict[str, Any]) -> None:
         if not options["no_migrate"]:
             ensure_migrated(self.stdout.write)
         if options["config"]:
@@ -63,11 +72,8 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
-        supervisor = Supervisor(settings.TENEMENT_DATA_DIR, extra_tasks=extra)
-        try:
-            code = asyncio.run(supervisor.run())
-        except RuntimeError as e:
-            raise CommandError(str(e)) from None
+        supervisor = Supervisor(extra_tasks=extra)
+        code = asyncio.run(supervisor.run())
         if code:
             raise SystemExit(code)
 
