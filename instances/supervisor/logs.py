@@ -13,7 +13,8 @@ from instances.models import Instance, LogLine
 
 log = logging.getLogger("tenement.logs")
 
-MAX_LINE_CHARS = 16 * 1024
+# Longer lines keep their first 16 KiB and say how much was cut (like journald's cap).
+MAX_LINE_BYTES = 16 * 1024
 FLUSH_INTERVAL = 0.25
 FLUSH_BATCH = 2000
 # Past this many unwritten lines, new ones are dropped (and counted) rather than letting
@@ -41,10 +42,18 @@ class LogCollector:
         self.dropped: dict[int, int] = {}
 
     async def capture(self, instance_pk: int, stream: str, reader: asyncio.StreamReader) -> None:
-        """Read one pipe until EOF (the app exited or closed it)."""
-        while line := await _read_line(reader):
-            text = line.decode("utf-8", "replace").rstrip("\r\n").replace("\x00", "")
-            self.add(instance_pk, stream, text[:MAX_LINE_CHARS])
+        """Read one pipe until EOF (the app exited or closed it), one row per line."""
+        line, cut = bytearray(), 0
+        while piece := await _read_piece(reader):
+            room = MAX_LINE_BYTES - len(line)
+            line += piece[:room]
+            cut += max(0, len(piece) - room)
+            if piece.endswith(b"\n"):
+                cut -= 1 if len(piece) > room else 0  # the newline is not content
+                self.add(instance_pk, stream, _text(line, cut))
+                line, cut = bytearray(), 0
+        if line:
+            self.add(instance_pk, stream, _text(line, cut))
 
     def add(self, instance_pk: int, stream: str, text: str) -> None:
         if len(self.buffer) >= MAX_BUFFERED:
@@ -102,7 +111,12 @@ class LogCollector:
         self.stored[instance_pk] = qs.count()
 
 
-async def _read_line(reader: asyncio.StreamReader) -> bytes:
+def _text(line: bytes, cut: int) -> str:
+    text = line.decode("utf-8", "replace").rstrip("\r\n").replace("\x00", "")
+    return f"{text} [... {cut} more bytes truncated]" if cut else text
+
+
+async def _read_piece(reader: asyncio.StreamReader) -> bytes:
     """The next line; a line longer than the buffer comes back in buffer-sized pieces."""
     try:
         return await reader.readuntil(b"\n")
