@@ -1,4 +1,8 @@
-"""ASGI entry point: `daphne tenement_site.asgi:application` or the embedded server."""
+"""ASGI entry point: `daphne tenement_site.asgi:application` or the embedded server.
+
+A Channels ProtocolTypeRouter; each protocol routes by Host: the control host
+(TENEMENT_DOMAIN) to Django, `{id}.{service}.{domain}` to that instance.
+"""
 
 from __future__ import annotations
 
@@ -12,4 +16,11 @@ django_asgi_app = get_asgi_application()
 
 from channels.routing import ProtocolTypeRouter  # noqa: E402
 
-application = ProtocolTypeRouter({"http": django_asgi_app})
+from proxy.app import HostRouter, no_control_websockets  # noqa: E402
+
+application = ProtocolTypeRouter(
+    {
+        "http": HostRouter(django_asgi_app, "http"),
+        "websocket": HostRouter(no_control_websockets, "websocket"),
+    }
+)

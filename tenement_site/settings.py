@@ -36,6 +36,10 @@ TENEMENT_DATA_DIR = data_dir_from_env()
 ensure_data_dir(TENEMENT_DATA_DIR)
 TENEMENT_DOMAIN = (os.environ.get("TENEMENT_DOMAIN") or "localhost").lower().rstrip(".")
 TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
+# The proxy: request bodies over this many MB get 413; at most this many requests per
+# instance are held while it wakes (more get 503 with Retry-After).
+TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
+TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
 
 SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -109,7 +113,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
-CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Wakes, readiness and activity travel between the proxy and the supervisor on this
+# layer. The default capacity (100 per channel) would refuse a burst of 100+ wakes.
+CHANNEL_LAYERS = {
+    "default": {
+        "BACKEND": "channels.layers.InMemoryChannelLayer",
+        "CONFIG": {"capacity": 100_000, "expiry": 60},
+    }
+}
 
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = "UTC"

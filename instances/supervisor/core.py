@@ -24,6 +24,7 @@ from instances.models import Instance, SupervisorSettings
 from instances.spec import ServiceSpec
 from instances.supervisor import health, process, store
 from instances.supervisor.backoff import RestartPolicy
+from instances.supervisor.bridge import GOING_AWAY, RESTARTING, Bridge
 from instances.supervisor.logs import LogCollector
 from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
 from instances.supervisor.signals import stop_on_signals
@@ -40,6 +41,7 @@ HEALTH_FAILURES_BEFORE_RESTART = 3
 MAX_HEALTH_TIMEOUT = 5.0
 MAX_CONCURRENT_HEALTH_CHECKS = 64
 SHUTDOWN_SLACK = 5.0
+FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
 
 
 class InstanceUnavailable(Exception):
@@ -68,6 +70,7 @@ class Supervisor:
         self._next_beat = 0.0
         self._health_gate = asyncio.Semaphore(MAX_CONCURRENT_HEALTH_CHECKS)
         self._helpers: set[asyncio.Task[Any]] = set()
+        self.bridge = Bridge(self, clock)
 
     # ---- top level -------------------------------------------------------------------
 
@@ -93,6 +96,7 @@ class Supervisor:
             "tenement-reconcile": self.reconcile_loop,
             "tenement-health": self.health_loop,
             "tenement-log-flush": self.log_loop,
+            "tenement-bridge": self.bridge.run,
         }
         for name, make in self.extra_tasks.items():
             factories[name] = lambda make=make: make(self)
@@ -196,6 +200,7 @@ class Supervisor:
             self._next_sync = now + SYNC_INTERVAL
             did |= await self.sync_desired()
         did |= self.reconcile()
+        did |= self.bridge.prune()
         did |= await self.reap_idle()
         if now >= self._next_activity_flush:
             self._next_activity_flush = now + ACTIVITY_FLUSH_INTERVAL
@@ -230,6 +235,7 @@ class Supervisor:
         rt.restart_pending = row.restart_requested
         self.runtimes[key] = rt
         self.by_pk[rt.pk] = rt
+        self.bridge.routes_changed()
         return rt
 
     def new_policy(self) -> RestartPolicy:
@@ -245,6 +251,7 @@ class Supervisor:
         for rt in self.runtimes.values():
             if rt.key.service in specs and rt.spec != specs[rt.key.service]:
                 rt.spec = specs[rt.key.service]
+                self.bridge.routes_changed()  # the proxy's timeouts may have changed
                 did = True
         for row in changes.instances:
             did |= await self.apply_row(row)
@@ -291,6 +298,7 @@ class Supervisor:
 
     async def clear_failed(self, rt: Runtime, why: str) -> None:
         rt.policy.reset()
+        self.bridge.down(rt)  # proxies stop refusing it at once
         await self.set_state(rt, State.STOPPED, "reset", f"failed state cleared by {why}")
 
     async def drop_deleted(self) -> bool:
@@ -310,6 +318,7 @@ class Supervisor:
         self.by_pk.pop(rt.pk, None)
         if self.runtimes.get(rt.key) is rt:
             del self.runtimes[rt.key]
+        self.bridge.routes_changed()
         rt.notify()
 
     # ---- reconcile ------------------------------------------------------------------
@@ -439,10 +448,15 @@ class Supervisor:
                     return not rt.stopping  # a stop that arrived during the probe wins
                 # Wait for the process to exit or the next probe, whichever comes first.
                 await asyncio.wait([exited], timeout=min(delay, max(0.0, left)))
-                delay = min(delay * 1.5, 0.05)
+                delay = min(delay * 1.5, self.probe_cap(rt))
             return False
         finally:
             exited.cancel()
+
+    def probe_cap(self, rt: Runtime) -> float:
+        """Probe every 5 ms for the first 2 s: a request may be held on this wake, and
+        most apps are up within that; then every 50 ms, so a slow start costs little."""
+        return FAST_PROBE if self.clock() - rt.started_at < FAST_PROBE_FOR else SLOW_PROBE
 
     async def mark_running(self, rt: Runtime) -> None:
         rt.last_activity = rt.activity_reported = self.clock()
@@ -452,6 +466,7 @@ class Supervisor:
         took = (self.clock() - rt.started_at) * 1000
         # Release waiting requests first; the database write can follow.
         rt.ready.set()
+        self.bridge.ready(rt)
         await self.set_state(
             rt,
             State.RUNNING,
@@ -464,6 +479,7 @@ class Supervisor:
         )
 
     async def after_exit(self, rt: Runtime, code: int) -> None:
+        self.bridge.down(rt)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(rt.run_spec.socket_path(rt.key.instance_id))
         how = process.describe_exit(code)
@@ -487,6 +503,7 @@ class Supervisor:
         delay = rt.policy.next_delay(self.clock())
         if delay is None:
             log.error("%s failed: %s; restarted too often, giving up", rt.key, reason)
+            self.bridge.down(rt, failed=True)
             await self.set_state(
                 rt,
                 State.FAILED,
@@ -515,6 +532,8 @@ class Supervisor:
             return rt.stop_task
         rt.stopping = reason
         rt.ready.clear()
+        # Before the SIGTERM, so proxies close WebSockets cleanly rather than see a reset.
+        self.bridge.down(rt, code=RESTARTING if reason == "restart" else GOING_AWAY)
         if rt.task is None or rt.task.done():
             if rt.state == State.BACKOFF:
                 self.spawn_helper(self.set_state(rt, State.STOPPED, "stopped", reason))
@@ -587,6 +606,7 @@ class Supervisor:
         if n >= HEALTH_FAILURES_BEFORE_RESTART and rt.proc is not None:
             rt.failure = f"unhealthy: {n} consecutive health checks failed ({detail})"
             rt.ready.clear()
+            self.bridge.down(rt, code=RESTARTING)
             # Not an expected stop: the exit goes through the restart policy. In the
             # background, so a slow stop does not hold up other instances' checks.
             self.spawn_helper(process.terminate(rt.proc, rt.run_spec.stop_timeout))
@@ -616,7 +636,7 @@ class Supervisor:
             and rt.stopping is None
             and not rt.always_on
             and rt.spec.idle_timeout > 0
-            and rt.open_connections == 0
+            and rt.connections == 0
         )
 
     def is_idle(self, rt: Runtime, now: float) -> bool:

@@ -41,7 +41,9 @@ class Runtime:
     started_at: float = 0.0
     last_activity: float = 0.0
     activity_reported: float = 0.0
+    # Connections opened in this process, and per proxy process (by channel name).
     open_connections: int = 0
+    proxy_open: dict[str, int] = field(default_factory=dict)
     health_failures: int = 0
     next_health: float = 0.0
     health_ok: bool | None = None
@@ -70,6 +72,10 @@ class Runtime:
     @property
     def busy(self) -> bool:
         return self.has_process or self.stop_in_flight
+
+    @property
+    def connections(self) -> int:
+        return self.open_connections + sum(self.proxy_open.values())
 
     def idle_for(self, now: float) -> float:
         return now - self.last_activity

@@ -1,0 +1,98 @@
+"""Header rewriting between client and app. Pure functions over ASGI byte pairs."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from typing import Any
+
+Headers = list[tuple[bytes, bytes]]
+
+# RFC 9110 §7.6.1 plus the legacy ones proxies conventionally drop. Expect is handled by
+# the ASGI server on the client side; passing it on would draw a second 100 Continue.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"expect",
+    }
+)
+# Headers the proxy sets itself; an incoming copy is replaced (X-Forwarded-For is
+# extended rather than replaced, as nginx's $proxy_add_x_forwarded_for does).
+OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"})
+_REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+
+
+def connection_named(headers: Headers) -> frozenset[bytes]:
+    """Header names listed in Connection: they are hop-by-hop for this message only."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(named)
+
+
+def end_to_end(headers: Headers) -> Headers:
+    """`headers` without hop-by-hop ones (names are compared case-insensitively)."""
+    drop = HOP_BY_HOP | connection_named(headers) if _has_connection(headers) else HOP_BY_HOP
+    return [(n, v) for n, v in headers if n.lower() not in drop]
+
+
+def _has_connection(headers: Headers) -> bool:
+    return any(n.lower() == b"connection" for n, _ in headers)
+
+
+def request_id(headers: Headers) -> bytes:
+    """The client's X-Request-ID if it is sane, else a fresh one."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
+            return value
+    return uuid.uuid4().hex.encode()
+
+
+def forwarded(scope: dict[str, Any], host: bytes, rid: bytes) -> Headers:
+    """Client headers for the app: end-to-end ones plus X-Forwarded-* and X-Request-ID."""
+    out: Headers = []
+    prior_for = b""
+    for name, value in end_to_end(scope["headers"]):
+        lower = name.lower()
+        if lower == b"x-forwarded-for":
+            prior_for = prior_for + b", " + value if prior_for else value
+        elif lower not in OWN:
+            out.append((name, value))
+    client = scope.get("client")
+    address = client[0].encode() if client else b"unknown"
+    out.append((b"x-forwarded-for", prior_for + b", " + address if prior_for else address))
+    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    out.append((b"x-forwarded-host", host))
+    out.append((b"x-request-id", rid))
+    return out
+
+
+def header(headers: Headers, wanted: bytes) -> bytes | None:
+    for name, value in headers:
+        if name.lower() == wanted:
+            return value
+    return None
+
+
+def request_head(method: str, target: bytes, headers: Headers, framing: Headers) -> bytes:
+    """The request line and headers as bytes, ready to write to the app."""
+    lines = [method.encode() + b" " + target + b" HTTP/1.1"]
+    lines += [n + b": " + v for n, v in headers]
+    lines += [n + b": " + v for n, v in framing]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+def target(scope: dict[str, Any]) -> bytes:
+    """The request target as the client sent it (raw path plus query)."""
+    path = scope.get("raw_path") or scope["path"].encode()
+    query = scope.get("query_string") or b""
+    return path + b"?" + query if query else path

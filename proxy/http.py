@@ -1,0 +1,228 @@
+"""Forward one HTTP request to its instance, waking it first if it sleeps."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from django.conf import settings
+
+from instances.ids import InstanceKey
+from proxy import headers as h
+from proxy.responses import plain
+from proxy.state import ProxyState, WakeRejected
+from proxy.upstream import ConnectFailed, UpstreamConnection, UpstreamError
+from routing.table import Target
+
+log = logging.getLogger("tenement.proxy")
+
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+class ClientGone(Exception):
+    """The client disconnected; drop the upstream exchange."""
+
+
+class BodyTooLarge(Exception):
+    """The request body passed max_body_mb while streaming."""
+
+
+class Exchange:
+    """One request through the proxy: wake if needed, forward, stream back."""
+
+    def __init__(
+        self,
+        state: ProxyState,
+        target: Target,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        host: bytes,
+    ) -> None:
+        self.state = state
+        self.target = target
+        self.key: InstanceKey = target.key
+        self.scope = scope
+        self.receive = receive
+        self.send = send
+        self.host = host
+        self.rid = h.request_id(scope["headers"])
+        self.woke_ms: int | None = None
+        self.started = False
+        self.body_started = False
+        self.max_body = settings.TENEMENT_MAX_BODY_MB * 1024 * 1024
+
+    async def run(self) -> None:
+        try:
+            await self.forward()
+        except WakeRejected as e:
+            await self.fail(503, str(e), retry_after=e.retry_after)
+        except BodyTooLarge:
+            await self.fail(413, f"the limit is {settings.TENEMENT_MAX_BODY_MB} MB")
+        except TimeoutError:
+            await self.fail(504, f"no response within {self.target.request_timeout:g}s")
+        except UpstreamError as e:
+            await self.fail(502, str(e))
+        except ClientGone:
+            pass
+
+    async def fail(self, status: int, detail: str, retry_after: int | None = None) -> None:
+        if self.started:
+            # Headers are out: all we can do is cut the response short.
+            log.warning("%s: %s after the response began; closing", self.key, detail)
+            return
+        log.info("%s %s: %s", self.key, status, detail)
+        await plain(self.send, status, detail, retry_after=retry_after, extra=self.own_headers())
+
+    def own_headers(self) -> list[tuple[bytes, bytes]]:
+        extra = [(b"x-request-id", self.rid)]
+        if self.woke_ms is not None:
+            extra.append((b"x-tenement-wake", str(self.woke_ms).encode()))
+        return extra
+
+    # ---- wake and retry ----------------------------------------------------------------
+
+    async def forward(self) -> None:
+        socket = self.state.running.get(self.key)
+        if socket is None:
+            socket = await self.wake()
+        try:
+            await self.exchange(socket)
+        except ConnectFailed:
+            # It exited between our look and the connect (idle stop, crash): wake once.
+            self.state.forget_socket(self.key, socket)
+            await self.exchange(await self.wake())
+
+    async def wake(self) -> str:
+        began = time.monotonic()
+        socket = await self.state.wake(self.key, self.target.wake_timeout)
+        self.woke_ms = round((time.monotonic() - began) * 1000)
+        return socket
+
+    # ---- one exchange with the app ---------------------------------------------------------
+
+    async def exchange(self, socket: str) -> None:
+        pool = self.state.pools.get(socket)
+        conn, reused = await pool.acquire()
+        try:
+            status, headers = await self.request(conn)
+        except UpstreamError:
+            conn.close()
+            if not reused or self.body_started:
+                raise
+            # A pooled connection the app had closed meanwhile: once more on a fresh one.
+            conn = await pool.connect()
+            status, headers = await self.request_or_close(conn)
+        except BaseException:
+            conn.close()
+            raise
+        try:
+            await self.respond(conn, status, headers)
+        finally:
+            pool.release(conn)
+
+    async def request_or_close(self, conn: UpstreamConnection) -> tuple[int, h.Headers]:
+        try:
+            return await self.request(conn)
+        except BaseException:
+            conn.close()
+            raise
+
+    async def request(self, conn: UpstreamConnection) -> tuple[int, h.Headers]:
+        """Send the request (streaming its body) and wait for the response head."""
+        scope = self.scope
+        framing, chunked = self.framing()
+        fwd = h.forwarded(scope, self.host, self.rid)
+        conn.begin(
+            h.request_head(scope["method"], h.target(scope), fwd, framing),
+            head_only=scope["method"] == "HEAD",
+        )
+        if not framing:
+            async with asyncio.timeout(self.target.request_timeout):
+                return await conn.head
+        sender = asyncio.create_task(self.send_body(conn, chunked), name=f"body {self.key}")
+        try:
+            return await self.head_after_body(conn, sender)
+        finally:
+            if not sender.done():
+                sender.cancel()
+                conn.reusable = False
+
+    def framing(self) -> tuple[h.Headers, bool]:
+        """How the body is framed for the app: its length, chunked, or no body."""
+        length = h.header(self.scope["headers"], b"content-length")
+        if length is not None:
+            if int(length) > self.max_body:
+                raise BodyTooLarge
+            return [(b"content-length", length)], False
+        if h.header(self.scope["headers"], b"transfer-encoding") is not None:
+            return [(b"transfer-encoding", b"chunked")], True
+        return [], False
+
+    async def head_after_body(
+        self, conn: UpstreamConnection, sender: asyncio.Task[None]
+    ) -> tuple[int, h.Headers]:
+        # The app may answer before reading the whole body (a 401, a 413 of its own).
+        done, _ = await asyncio.wait([sender, conn.head], return_when=asyncio.FIRST_COMPLETED)
+        if sender in done and sender.exception() is not None:
+            raise sender.exception()  # type: ignore[misc]
+        async with asyncio.timeout(self.target.request_timeout):
+            return await conn.head
+
+    async def send_body(self, conn: UpstreamConnection, chunked: bool) -> None:
+        total = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            total += len(chunk)
+            if total > self.max_body:
+                raise BodyTooLarge
+            if chunk:
+                self.body_started = True
+                await conn.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+            if not message.get("more_body"):
+                break
+        if chunked:
+            await conn.write(b"0\r\n\r\n")
+
+    # ---- the response -----------------------------------------------------------------------
+
+    async def respond(self, conn: UpstreamConnection, status: int, headers: h.Headers) -> None:
+        # The ASGI server stamps its own Date; a second one from the app would duplicate it.
+        out = [(n, v) for n, v in h.end_to_end(headers) if n.lower() != b"date"]
+        if h.header(out, b"x-request-id") is None:
+            out.append((b"x-request-id", self.rid))
+        if self.woke_ms is not None:
+            out.append((b"x-tenement-wake", str(self.woke_ms).encode()))
+        await self.send({"type": "http.response.start", "status": status, "headers": out})
+        self.started = True
+        if conn.complete:  # the common case: the whole (small) body is already here
+            body = b"".join(conn.chunks)
+            conn.chunks.clear()
+            await self.send({"type": "http.response.body", "body": body})
+            return
+        await self.stream(conn)
+
+    async def stream(self, conn: UpstreamConnection) -> None:
+        watcher = asyncio.create_task(self.watch_disconnect(conn), name=f"watch {self.key}")
+        try:
+            async for chunk in conn.body():
+                await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
+            await self.send({"type": "http.response.body", "body": b""})
+        finally:
+            watcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watcher
+
+    async def watch_disconnect(self, conn: UpstreamConnection) -> None:
+        """Abort the upstream exchange when the client goes (SSE, long polls, downloads)."""
+        while (await self.receive())["type"] != "http.disconnect":
+            pass
+        conn.abort(ClientGone())

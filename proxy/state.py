@@ -1,0 +1,278 @@
+"""Per-process proxy state, kept in step with the supervisor over the channel layer.
+
+The proxy never reads the database per request. It keeps:
+- the routing snapshot (registered tenants), reloaded when the supervisor says so;
+- which instances are ready, and on which socket (pushed by the supervisor);
+- coalesced wake requests: N requests for one sleeping tenant send one message;
+- activity counters, sent to the supervisor in batches.
+
+Messages (channel layer; the in-memory layer in one process, Redis when scaled):
+  to "tenement.supervisor":  wake {key, reply}, activity {proxy, touched, open}
+  to group "tenement.proxy": instance.ready {key, socket}, instance.down {key, code,
+                             failed}, routes.changed
+  to one proxy's channel:    wake.ready {key, socket}, wake.unavailable {key, reason, failed}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from channels.layers import get_channel_layer
+from django.conf import settings
+
+from instances.ids import InstanceKey, parse_key
+from proxy.upstream import Pools
+from routing import table
+from routing.table import RoutingTable
+
+log = logging.getLogger("tenement.proxy")
+
+SUPERVISOR_CHANNEL = "tenement.supervisor"
+PROXY_GROUP = "tenement.proxy"
+ACTIVITY_INTERVAL = 0.25  # a request's activity reaches the supervisor within this
+OPEN_REPORT_INTERVAL = 2.0  # open-connection counts are re-sent this often (they expire)
+
+
+class WakeRejected(Exception):
+    """The request cannot be held for a wake; the answer is 503 with Retry-After."""
+
+    def __init__(self, reason: str, retry_after: int = 5) -> None:
+        super().__init__(reason)
+        self.retry_after = retry_after
+
+
+@dataclass
+class PendingWake:
+    future: asyncio.Future[str]
+    deadline: float
+    held: int = 0
+
+
+class ProxyState:
+    """Everything one proxy process knows; one per event loop."""
+
+    def __init__(self) -> None:
+        self.layer = get_channel_layer()
+        self.channel = ""
+        self.table = RoutingTable()
+        self.running: dict[InstanceKey, str] = {}
+        self.failed: set[InstanceKey] = set()
+        self.pools = Pools()
+        self.wakes: dict[InstanceKey, PendingWake] = {}
+        self.touched: set[InstanceKey] = set()
+        self.open: collections.Counter[InstanceKey] = collections.Counter()
+        self.open_dirty = False
+        self.closers: dict[InstanceKey, set[Callable[[int], None]]] = {}
+        self.max_held = settings.TENEMENT_MAX_HELD_REQUESTS
+        self._tasks: list[asyncio.Task[None]] = []
+        self._reload = asyncio.Event()
+        self._started: asyncio.Future[None] | None = None
+
+    # ---- start-up ------------------------------------------------------------------
+
+    async def ready(self) -> ProxyState:
+        """Start on first use (ASGI servers give no start-up hook that daphne shares)."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_future()
+            try:
+                await self.start()
+                self._started.set_result(None)
+            except BaseException as e:
+                self._started.set_exception(e)
+                self._started = None
+                raise
+        elif not self._started.done():
+            await asyncio.shield(self._started)
+        return self
+
+    async def start(self) -> None:
+        if self.layer is None:
+            raise RuntimeError("no channel layer configured (CHANNEL_LAYERS)")
+        self.channel = await self.layer.new_channel("tenement.proxy.")
+        # Join before loading, so no change between the two is missed.
+        await self.layer.group_add(PROXY_GROUP, self.channel)
+        self.apply_table(await table.load())
+        for name, work in (
+            ("tenement-proxy-listen", self.listen),
+            ("tenement-proxy-activity", self.report_activity),
+            ("tenement-proxy-routes", self.reload_routes),
+        ):
+            self._tasks.append(asyncio.create_task(work(), name=name))
+
+    def apply_table(self, snapshot: RoutingTable) -> None:
+        self.table = snapshot
+        self.running = dict(snapshot.running)
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.layer is not None and self.channel:
+            await self.layer.group_discard(PROXY_GROUP, self.channel)
+        self.pools.close()
+
+    # ---- messages from the supervisor ---------------------------------------------------
+
+    async def listen(self) -> None:
+        while True:
+            message = await self.layer.receive(self.channel)
+            try:
+                self.handle(message)
+            except Exception:  # one bad message must not stop routing updates
+                log.exception("bad message from the supervisor: %r", message)
+
+    def handle(self, message: dict[str, Any]) -> None:
+        kind = message.get("type")
+        if kind == "routes.changed":
+            self._reload.set()
+            return
+        key = parse_key(message["key"])
+        if kind in ("instance.ready", "wake.ready"):
+            self.mark_ready(key, message["socket"])
+        elif kind == "instance.down":
+            self.mark_down(key, int(message.get("code", 1001)), bool(message.get("failed")))
+        elif kind == "wake.unavailable":
+            self.wake_failed(key, message.get("reason", "unavailable"), message.get("failed"))
+
+    def mark_ready(self, key: InstanceKey, socket: str) -> None:
+        old = self.running.get(key)
+        if old is not None and old != socket:
+            self.pools.drop(old)
+        self.running[key] = socket
+        self.failed.discard(key)
+        if (pending := self.wakes.pop(key, None)) and not pending.future.done():
+            pending.future.set_result(socket)
+
+    def mark_down(self, key: InstanceKey, code: int, failed: bool) -> None:
+        if (socket := self.running.pop(key, None)) is not None:
+            self.pools.drop(socket)
+        if failed:
+            self.failed.add(key)
+            self.wake_failed(key, "crash loop: start it manually", True)
+        for close in list(self.closers.get(key, ())):
+            close(code)
+
+    def wake_failed(self, key: InstanceKey, reason: str, failed: bool | None) -> None:
+        if failed:
+            self.failed.add(key)
+        pending = self.wakes.pop(key, None)
+        if pending and not pending.future.done():
+            pending.future.set_exception(WakeRejected(reason, retry_after=30 if failed else 5))
+            pending.future.exception()  # retrieved: nobody may be waiting any more
+
+    async def reload_routes(self) -> None:
+        while True:
+            await self._reload.wait()
+            self._reload.clear()
+            try:
+                snapshot = await table.load()
+            except Exception:
+                log.exception("cannot reload the routing table; keeping the old one")
+                continue
+            # Readiness comes from messages, which are newer than any snapshot.
+            self.table = snapshot
+
+    # ---- waking -----------------------------------------------------------------------
+
+    async def wake(self, key: InstanceKey, timeout: float) -> str:
+        """Hold until `key` is ready and return its socket; raise WakeRejected if not."""
+        if key in self.failed:
+            raise WakeRejected(f"{key} is failed (crash loop); start it manually", 30)
+        pending = self.wakes.get(key)
+        now = time.monotonic()
+        if pending is None or pending.future.done() or now > pending.deadline:
+            pending = PendingWake(asyncio.get_running_loop().create_future(), now + timeout)
+            self.wakes[key] = pending
+            message = {"type": "wake", "key": str(key), "reply": self.channel}
+            await self.layer.send(SUPERVISOR_CHANNEL, message)
+        if pending.held >= self.max_held:
+            raise WakeRejected(f"too many requests waiting for {key} to wake")
+        pending.held += 1
+        try:
+            async with asyncio.timeout(timeout):
+                return await asyncio.shield(pending.future)
+        except TimeoutError:
+            raise WakeRejected(f"{key} did not become ready within {timeout:g}s") from None
+        finally:
+            pending.held -= 1
+
+    def forget_socket(self, key: InstanceKey, socket: str) -> None:
+        """The app refused a connection: it has exited, whatever we were told."""
+        if self.running.get(key) == socket:
+            del self.running[key]
+        self.pools.drop(socket)
+
+    # ---- activity -----------------------------------------------------------------------
+
+    def opened(self, key: InstanceKey) -> None:
+        self.open[key] += 1
+        self.touched.add(key)
+        self.open_dirty = True
+
+    def closed(self, key: InstanceKey) -> None:
+        self.open[key] -= 1
+        if self.open[key] <= 0:
+            del self.open[key]
+        self.touched.add(key)
+        self.open_dirty = True
+
+    async def report_activity(self) -> None:
+        """Send touched keys and open counts in one message per interval, never per request."""
+        last_open_report = 0.0
+        while True:
+            await asyncio.sleep(ACTIVITY_INTERVAL)  # a fixed batching period, not a poll
+            now = time.monotonic()
+            stale = self.open and now - last_open_report > OPEN_REPORT_INTERVAL
+            if not (self.touched or self.open_dirty or stale):
+                continue
+            message = {
+                "type": "activity",
+                "proxy": self.channel,
+                "touched": [str(k) for k in self.touched],
+                "open": {str(k): n for k, n in self.open.items()},
+            }
+            self.touched, self.open_dirty, last_open_report = set(), False, now
+            try:
+                await self.layer.send(SUPERVISOR_CHANNEL, message)
+            except Exception as e:  # e.g. a full or unreachable layer: the next batch retries
+                log.warning("cannot report activity to the supervisor: %s", e)
+
+    def on_close(self, key: InstanceKey, close: Callable[[int], None]) -> Callable[[], None]:
+        """Register a WebSocket's closer for supervisor stops; returns the unregister."""
+        self.closers.setdefault(key, set()).add(close)
+
+        def unregister() -> None:
+            closers = self.closers.get(key)
+            if closers is not None:
+                closers.discard(close)
+                if not closers:
+                    del self.closers[key]
+
+        return unregister
+
+
+_states: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ProxyState] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+async def current() -> ProxyState:
+    """This event loop's proxy state, started on first use."""
+    loop = asyncio.get_running_loop()
+    state = _states.get(loop)
+    if state is None:
+        state = _states[loop] = ProxyState()
+    return await state.ready()
+
+
+async def close_current() -> None:
+    loop = asyncio.get_running_loop()
+    if (state := _states.pop(loop, None)) is not None:
+        await state.close()

@@ -1,0 +1,61 @@
+"""The proxy's routing snapshot: which tenants exist and how long to wait for them.
+
+Built from the database off the hot path (at start and when the supervisor announces a
+change), then read with plain dict lookups for every request.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from asgiref.sync import sync_to_async
+
+from instances.ids import InstanceKey
+
+
+@dataclass(frozen=True)
+class Target:
+    key: InstanceKey
+    request_timeout: float
+    wake_timeout: float
+
+
+@dataclass(frozen=True)
+class RoutingTable:
+    services: frozenset[str] = frozenset()
+    targets: dict[InstanceKey, Target] = field(default_factory=dict)
+    # Instances running and ready when the snapshot was taken: key -> socket path.
+    running: dict[InstanceKey, str] = field(default_factory=dict)
+
+    def lookup(self, key: InstanceKey) -> Target | None:
+        return self.targets.get(key)
+
+
+def build(rows: list[tuple[str, str, float, float, str, str]], services: list[str]) -> RoutingTable:
+    """From (service, id, request_timeout, wake_timeout, state, socket_path) rows."""
+    targets: dict[InstanceKey, Target] = {}
+    running: dict[InstanceKey, str] = {}
+    for service, instance_id, request_timeout, wake_timeout, state, socket_path in rows:
+        key = InstanceKey(service, instance_id)
+        targets[key] = Target(key, request_timeout, wake_timeout)
+        if state == "running" and socket_path:
+            running[key] = socket_path
+    return RoutingTable(frozenset(services), targets, running)
+
+
+@sync_to_async
+def load() -> RoutingTable:
+    from django.db import close_old_connections
+
+    from instances.models import Instance, Service
+
+    close_old_connections()
+    rows = Instance.objects.values_list(
+        "service__name",
+        "instance_id",
+        "service__request_timeout",
+        "service__wake_timeout",
+        "state",
+        "socket_path",
+    )
+    return build(list(rows), list(Service.objects.values_list("name", flat=True)))
