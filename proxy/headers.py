@@ -25,8 +25,9 @@ HOP_BY_HOP = frozenset(
     }
 )
 # Headers the proxy sets itself; an incoming copy is replaced (X-Forwarded-For is
-# extended rather than replaced, as nginx's $proxy_add_x_forwarded_for does).
-OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id"})
+# extended rather than replaced, as nginx's $proxy_add_x_forwarded_for does). The body's
+# framing (Content-Length or chunked) is decided per request by the forwarder.
+OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"content-length"})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 

@@ -93,14 +93,24 @@ class Exchange:
             socket = await self.wake()
         try:
             await self.exchange(socket)
-        except ConnectFailed:
-            # It exited between our look and the connect (idle stop, crash): wake once.
+        except UpstreamError as e:
+            if not isinstance(e, ConnectFailed) and not self.replayable():
+                raise
+            # It exited between our look and the exchange (idle stop, crash): wake once.
             self.state.forget_socket(self.key, socket)
-            await self.exchange(await self.wake())
+            await self.exchange(await self.wake(suspect=socket))
 
-    async def wake(self) -> str:
+    def replayable(self) -> bool:
+        """Safe to send again: nothing reached the client and the request has no body."""
+        return (
+            not self.started
+            and not self.body_started
+            and self.scope["method"] in ("GET", "HEAD", "OPTIONS")
+        )
+
+    async def wake(self, suspect: str | None = None) -> str:
         began = time.monotonic()
-        socket = await self.state.wake(self.key, self.target.wake_timeout)
+        socket = await self.state.wake(self.key, self.target.wake_timeout, suspect)
         self.woke_ms = round((time.monotonic() - began) * 1000)
         return socket
 

@@ -60,6 +60,8 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
             access_log=False,
             log_level="warning",
             server_header=False,
+            # We are the edge: X-Forwarded-For from a client is data, not its address.
+            proxy_headers=False,
         )
         server = EmbeddedServer(config)
         host, port = sock.getsockname()[:2]

@@ -181,8 +181,11 @@ class ProxyState:
 
     # ---- waking -----------------------------------------------------------------------
 
-    async def wake(self, key: InstanceKey, timeout: float) -> str:
-        """Hold until `key` is ready and return its socket; raise WakeRejected if not."""
+    async def wake(self, key: InstanceKey, timeout: float, suspect: str | None = None) -> str:
+        """Hold until `key` is ready and return its socket; raise WakeRejected if not.
+
+        `suspect` is a socket that just refused us: the supervisor checks it is really
+        gone before answering, rather than hand it back."""
         if key in self.failed:
             raise WakeRejected(f"{key} is failed (crash loop); start it manually", 30)
         pending = self.wakes.get(key)
@@ -191,6 +194,8 @@ class ProxyState:
             pending = PendingWake(asyncio.get_running_loop().create_future(), now + timeout)
             self.wakes[key] = pending
             message = {"type": "wake", "key": str(key), "reply": self.channel}
+            if suspect:
+                message["suspect"] = suspect
             await self.layer.send(SUPERVISOR_CHANNEL, message)
         if pending.held >= self.max_held:
             raise WakeRejected(f"too many requests waiting for {key} to wake")

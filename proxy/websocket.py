@@ -166,7 +166,9 @@ class Tunnel:
         finally:
             for task in (up, down):
                 task.cancel()
-            await asyncio.gather(up, down, return_exceptions=True)
+            for result in await asyncio.gather(up, down, return_exceptions=True):
+                if isinstance(result, Exception) and not isinstance(result, ConnectionClosed):
+                    log.error("%s websocket: %r", self.key, result)
             if self._closing is not None:
                 await asyncio.gather(self._closing, return_exceptions=True)
 
@@ -201,7 +203,7 @@ class Tunnel:
                 "code": self.going_away,
                 "reason": "instance stopping" if self.going_away == 1001 else "restarting",
             }
-        frame = self.upstream.close_rcvd
+        frame = self.upstream.protocol.close_rcvd
         if frame is None:  # the app vanished without a close frame
             return {"type": "websocket.close", "code": 1011, "reason": "app went away"}
         return {"type": "websocket.close", "code": sendable(frame.code), "reason": frame.reason}

@@ -15,6 +15,8 @@ from instances.ids import LABEL_RE, InstanceKey
 
 # Printable ASCII host characters; '%', '/', '@', '\\', spaces and controls are never valid.
 _HOST_CHARS = re.compile(r"[a-z0-9.\-\[\]:]+")
+# A host-name label (RFC 1123): letters, digits and '-', not at either end.
+_LDH_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class MalformedHost(ValueError):
@@ -50,8 +52,7 @@ def normalize(raw: str) -> str:
     if sep:
         _check_port(port, raw)
     name = name[:-1] if name.endswith(".") else name
-    labels = name.split(".")
-    if not name or any(not label or len(label) > 63 for label in labels) or len(name) > 253:
+    if not name or len(name) > 253 or not all(map(_LDH_LABEL.fullmatch, name.split("."))):
         raise MalformedHost(f"malformed host {raw!r}")
     return name
 

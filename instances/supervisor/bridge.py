@@ -94,17 +94,20 @@ class Bridge:
         kind = message["type"]
         if kind == "wake":
             key = parse_key(message["key"])
-            self.sup.spawn_helper(self.answer_wake(key, message["reply"]))
+            suspect = message.get("suspect")
+            self.sup.spawn_helper(self.answer_wake(key, message["reply"], suspect))
         elif kind == "activity":
             self.record_activity(message["proxy"], message["touched"], message["open"])
         else:
             log.warning("ignoring a message of unknown type %r", kind)
 
-    async def answer_wake(self, key: Any, reply: str) -> None:
+    async def answer_wake(self, key: Any, reply: str, suspect: str | None = None) -> None:
         from instances.supervisor.core import InstanceUnavailable
         from instances.supervisor.runtime import State
 
         try:
+            if suspect:
+                await self.sup.confirm_unreachable(key, suspect)
             rt = await self.sup.wake(key)
         except InstanceUnavailable as e:
             current = self.sup.runtimes.get(key)

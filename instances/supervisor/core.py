@@ -42,6 +42,8 @@ MAX_HEALTH_TIMEOUT = 5.0
 MAX_CONCURRENT_HEALTH_CHECKS = 64
 SHUTDOWN_SLACK = 5.0
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
+SUSPECT_PROBE_TIMEOUT = 1.0
+EXIT_NOTICE_TIMEOUT = 2.0
 
 
 class InstanceUnavailable(Exception):
@@ -702,6 +704,20 @@ class Supervisor:
         except TimeoutError:
             raise InstanceUnavailable(f"{key} not ready within {limit:g}s") from None
         return rt
+
+    async def confirm_unreachable(self, key: InstanceKey, socket: str) -> None:
+        """A proxy could not reach `socket`. If the app has died but its exit is not yet
+        noticed, wait for it (briefly), so the wake that follows starts a fresh copy
+        instead of answering "ready" with the dead one."""
+        rt = self.runtimes.get(key)
+        if rt is None or not rt.ready.is_set() or rt.run_spec.socket_path(key[1]) != socket:
+            return
+        if (await health.check(socket, "", SUSPECT_PROBE_TIMEOUT)).ok:
+            return  # it answers now: the proxy's failure was a passing one
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(EXIT_NOTICE_TIMEOUT):
+                while rt.ready.is_set():
+                    await rt.changed.wait()
 
     async def halt(self, key: InstanceKey) -> None:
         """Operator stop from inside this process: desired stopped, then stop and wait."""

@@ -1,0 +1,115 @@
+"""A real deployment for end-to-end tests: a data dir and runsupervisor processes."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tests.conftest import REPO
+
+
+class Deployment:
+    """A data dir plus the runsupervisor processes started on it; cleans up everything."""
+
+    def __init__(self, root: Path, config: str) -> None:
+        self.root = root
+        self.data = root / "data"
+        self.config = root / "tenement.toml"
+        self.config.write_text(config)
+        self.supervisors: list[subprocess.Popen[bytes]] = []
+        self.others: list[subprocess.Popen[bytes]] = []
+        self.app_pids: set[int] = set()
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")}
+
+    def manage(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, str(REPO / "manage.py"), *args, "--data-dir", str(self.data)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=self.env,
+            cwd=REPO,
+        )
+
+    def start(self, *args: str, http: bool = False) -> subprocess.Popen[bytes]:
+        log = open(self.root / f"supervisor-{len(self.supervisors)}.log", "wb")
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(REPO / "manage.py"),
+                "runsupervisor",
+                *([] if http else ["--no-http"]),
+                "--data-dir",
+                str(self.data),
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=REPO,
+        )
+        log.close()
+        self.supervisors.append(proc)
+        return proc
+
+    def rows(self) -> dict[str, dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            db.row_factory = sqlite3.Row
+            cur = db.execute(
+                "SELECT s.name || ':' || i.instance_id AS key, i.* FROM instances_instance i "
+                "JOIN instances_service s ON s.id = i.service_id"
+            )
+            return {r["key"]: dict(r) for r in cur}
+
+    def sql(self, statement: str, *params: Any) -> None:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            db.execute(statement, params)
+            db.commit()
+
+    def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 30) -> float:
+        """Poll another process's state (no event crosses the process boundary)."""
+        started = time.monotonic()
+        while not check():
+            if time.monotonic() - started > timeout:
+                logs = "\n".join(p.read_text()[-3000:] for p in self.root.glob("supervisor-*.log"))
+                raise AssertionError(f"timed out waiting for {what}\n{logs}")
+            time.sleep(0.02)
+        return time.monotonic() - started
+
+    def wait_states(self, states: dict[str, str], timeout: float = 30) -> dict[str, dict[str, Any]]:
+        def ok() -> bool:
+            try:
+                rows = self.rows()
+            except sqlite3.OperationalError:
+                return False  # not migrated yet
+            return all(k in rows and rows[k]["state"] == s for k, s in states.items())
+
+        self.wait_for(f"states {states}", ok, timeout)
+        rows = self.rows()
+        self.app_pids |= {r["pid"] for r in rows.values() if r["pid"]}
+        return rows
+
+    def cleanup(self) -> None:
+        for proc in self.supervisors:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                try:
+                    proc.wait(20)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+        for proc in self.others:
+            proc.kill()
+            proc.wait()
+        # Apps orphaned by a kill -9 are no longer our descendants: kill them by pid.
+        for pid in self.app_pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL)
