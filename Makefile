@@ -4,6 +4,7 @@
 PYTHON ?= python3
 VENV := .venv
 BIND ?= 127.0.0.1:8000
+TEN := bench/.ten-venv/bin/ten
 
 .PHONY: run test lint bench clean
 
@@ -21,8 +22,15 @@ lint: $(VENV)/.installed-dev
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev $(TEN)
+	./scripts/system-deps.sh bench
 	$(VENV)/bin/python bench/supervisor_idle.py
+	$(VENV)/bin/python bench/proxy.py
+
+# Upstream tenement, the benchmarks' peer: its own venv, never a dependency of ours.
+$(TEN):
+	$(PYTHON) -m venv bench/.ten-venv
+	bench/.ten-venv/bin/pip install --quiet tenement==0.2.2
 
 $(VENV)/bin/python:
 	./scripts/system-deps.sh run

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import re
 import signal
 import sqlite3
@@ -28,28 +27,16 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
+from common import MANAGE, REPO, find_ten, log, register_ours, wait_for
 
-REPO = Path(__file__).resolve().parent.parent
 APP = REPO / "examples" / "apps" / "counter.py"
 TCP_APP = REPO / "bench" / "apps" / "tcp_app.py"
 TENANTS = 1000
 RUNNING = 20
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def wait_for(what: str, check: Callable[[], bool], timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        if time.monotonic() > deadline:
-            raise SystemExit(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def idle_cpu(proc: psutil.Process, windows: int, seconds: float) -> tuple[float, float]:
@@ -73,20 +60,9 @@ def ours(root: Path) -> Iterator[tuple[psutil.Process, list[float]]]:
         f'[service.app]\ncommand = "{sys.executable} {APP}"\nhealth = "/health"\n'
         f"[instances]\napp = {json.dumps(ids)}\n"
     )
-    manage = [sys.executable, str(REPO / "manage.py")]
+    manage = MANAGE
     log(f"ours: registering {TENANTS} tenants")
-    subprocess.run(
-        [*manage, "loadconfig", str(config), "--data-dir", str(data)],
-        check=True,
-        capture_output=True,
-    )
-    db = data / "tenement.sqlite3"
-    with contextlib.closing(sqlite3.connect(db)) as conn:
-        conn.execute(
-            "UPDATE instances_instance SET desired_state='stopped' WHERE instance_id >= ?",
-            (ids[RUNNING],),
-        )
-        conn.commit()
+    db = register_ours(config, data, ids[:RUNNING])
     proc = subprocess.Popen(
         [*manage, "runsupervisor", "--no-http", "--data-dir", str(data)],
         stdout=subprocess.DEVNULL,
@@ -160,13 +136,6 @@ def upstream(root: Path, ten: str) -> Iterator[tuple[psutil.Process, list[float]
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
                 child.kill()
-
-
-def find_ten(explicit: str | None) -> str | None:
-    for candidate in (explicit, os.environ.get("TEN"), REPO / "bench" / ".ten-venv/bin/ten"):
-        if candidate and Path(candidate).exists():
-            return str(candidate)
-    return None
 
 
 def main() -> None:

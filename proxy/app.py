@@ -72,8 +72,16 @@ class HostRouter:
             what = "tenant" if route.key.service in state.table.services else "service"
             await self.refuse(send, 404, f"no such {what}: {route.key}")
             return
-        handler = Exchange if self.protocol == "http" else Tunnel
-        await handler(state, target, scope, receive, send, host).run()
+        if self.protocol == "websocket":
+            await Tunnel(state, target, scope, receive, send, host).run()
+            return
+        # A request in flight is an open connection: a long poll or a download keeps the
+        # instance awake until it ends.
+        state.opened(route.key)
+        try:
+            await Exchange(state, target, scope, receive, send, host).run()
+        finally:
+            state.closed(route.key)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import socket
 from collections.abc import AsyncIterator
 
 import httptools
@@ -162,6 +163,32 @@ class UpstreamConnection(asyncio.Protocol):
             self.transport.close()
 
 
+async def connect_unix(path: str) -> socket.socket:
+    """A connected non-blocking Unix socket; while the app's accept queue is full, retry.
+
+    A Unix socket answers a full backlog with EAGAIN rather than queueing the connect as
+    TCP does, and asyncio's sock_connect mistakes that for "in progress" and hands back a
+    socket that was never connected (every request on it fails). Apps often keep small
+    backlogs (Python's socketserver: 5) and a wake releases every held request at once,
+    so connect by hand (a Unix connect never blocks) and wait out a full queue. There is
+    no readiness event for "backlog has room", hence the short waits.
+    """
+    delay = 0.001
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            return sock
+        except BlockingIOError:
+            sock.close()
+        except BaseException:
+            sock.close()
+            raise
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.05)
+
+
 def _delimited_by_close(status: int, headers: Headers) -> bool:
     if status in (204, 304):
         return False
@@ -185,16 +212,20 @@ class Pool:
         return await self.connect(), False
 
     async def connect(self) -> UpstreamConnection:
-        loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT):
-                _, conn = await loop.create_unix_connection(UpstreamConnection, self.path)
+                return await self._connect_through_full_backlog()
         except (FileNotFoundError, ConnectionRefusedError) as e:
             raise ConnectFailed(f"nothing listens on {self.path}") from e
         except TimeoutError as e:
             raise UpstreamError(f"connect to {self.path} timed out") from e
         except OSError as e:
             raise UpstreamError(f"cannot connect to the app: {e.strerror or e}") from e
+
+    async def _connect_through_full_backlog(self) -> UpstreamConnection:
+        sock = await connect_unix(self.path)
+        loop = asyncio.get_running_loop()
+        _, conn = await loop.create_unix_connection(UpstreamConnection, sock=sock)
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:

@@ -19,6 +19,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidSta
 from instances.ids import InstanceKey
 from proxy import headers as h
 from proxy.state import ProxyState, WakeRejected
+from proxy.upstream import connect_unix
 from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
@@ -129,8 +130,10 @@ class Tunnel:
             (n.decode("latin-1"), v.decode("latin-1")) for n, v in fwd if n.lower() not in HANDSHAKE
         ]
         user_agent = h.header(self.scope["headers"], b"user-agent")
+        async with asyncio.timeout(self.target.request_timeout):
+            sock = await connect_unix(socket)
         return await unix_connect(
-            socket,
+            sock=sock,
             uri=f"ws://{self.host.decode('latin-1')}{h.target(self.scope).decode('latin-1')}",
             subprotocols=self.scope.get("subprotocols") or None,
             additional_headers=extra,

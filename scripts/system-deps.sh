@@ -2,6 +2,7 @@
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
 #   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL)
+#   scripts/system-deps.sh bench  what `make bench` needs (also nginx and wrk)
 set -euo pipefail
 
 mode=${1:-run}
@@ -15,7 +16,12 @@ case "$mode" in
     # A real PostgreSQL for the scaled-mode tests (the suite starts a throwaway cluster).
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
     ;;
-  *) echo "usage: $0 run|test" >&2; exit 2 ;;
+  bench)
+    # The proxy benchmark's peer and its load generator.
+    [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+    command -v wrk >/dev/null 2>&1 || missing+=(wrk)
+    ;;
+  *) echo "usage: $0 run|test|bench" >&2; exit 2 ;;
 esac
 
 if ((${#missing[@]} == 0)); then
