@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import re
-import uuid
+import secrets
 from typing import Any
 
 Headers = list[tuple[bytes, bytes]]
@@ -29,6 +30,8 @@ HOP_BY_HOP = frozenset(
 # framing (Content-Length or chunked) is decided per request by the forwarder.
 OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"content-length"})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
+_ID_PREFIX = secrets.token_hex(8).encode()
+_ID_COUNTER = itertools.count(1)
 
 
 def connection_named(headers: Headers) -> frozenset[bytes]:
@@ -55,7 +58,9 @@ def request_id(headers: Headers) -> bytes:
     for name, value in headers:
         if name.lower() == b"x-request-id" and _REQUEST_ID.fullmatch(value):
             return value
-    return uuid.uuid4().hex.encode()
+    # A random per-process prefix and a counter: unique like a UUID, without a
+    # urandom syscall on every request (uuid4 was 2% of the proxy's time, profiled).
+    return b"%s%016x" % (_ID_PREFIX, next(_ID_COUNTER))
 
 
 def forwarded(scope: dict[str, Any], host: bytes, rid: bytes) -> Headers:

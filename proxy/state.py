@@ -77,6 +77,10 @@ class ProxyState:
 
     # ---- start-up ------------------------------------------------------------------
 
+    @property
+    def started(self) -> bool:
+        return self._started is not None and self._started.done()
+
     async def ready(self) -> ProxyState:
         """Start on first use (ASGI servers give no start-up hook that daphne shares)."""
         if self._started is None:
@@ -274,6 +278,8 @@ async def current() -> ProxyState:
     state = _states.get(loop)
     if state is None:
         state = _states[loop] = ProxyState()
+    elif state.started:
+        return state
     return await state.ready()
 
 

@@ -12,7 +12,7 @@ from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.sync import apply_config, start_config_instances
-from proxy.server import bind_socket, http_task
+from proxy.server import bind_socket, event_loop_factory, http_task
 
 
 class Command(BaseCommand):
@@ -73,7 +73,8 @@ class Command(BaseCommand):
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
         supervisor = Supervisor(extra_tasks=extra)
-        code = asyncio.run(supervisor.run())
+        with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
+            code = runner.run(supervisor.run())
         if code:
             raise SystemExit(code)
 
