@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import sqlite3
+import subprocess
 import sys
 import threading
 import time
@@ -451,3 +452,48 @@ def test_no_fd_thread_or_child_growth_over_many_wake_and_stop_cycles(proxy: Prox
     assert after[0] <= before[0] + 2, f"fds {before[0]} -> {after[0]}"
     assert after[1] <= before[1] + 1, f"threads {before[1]} -> {after[1]}"
     assert after[2] <= before[2], f"children {before[2]} -> {after[2]}"
+
+
+# ---- daphne -----------------------------------------------------------------------------------
+
+
+def test_daphne_serves_the_same_application(short_tmp: Path) -> None:
+    """Scaled mode's server: the proxy under daphne, the supervisor in its own process."""
+    deployment = Deployment(short_tmp, CONFIG)
+    try:
+        deployment.start("--config", str(deployment.config))  # --no-http
+        deployment.wait_states({"web:alice": "running"})
+        port = free_port()
+        env = {**deployment.env, "TENEMENT_DATA_DIR": str(deployment.data)}
+        daphne = subprocess.Popen(
+            [
+                str(Path(sys.executable).parent / "daphne"),
+                "-b",
+                "127.0.0.1",
+                "-p",
+                str(port),
+                "tenement_site.asgi:application",
+            ],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deployment.others.append(daphne)
+        deployment.wait_for("daphne to listen", lambda: _listening(port), timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        conn.request("GET", "/whoami", headers={"Host": "alice.web.localhost"})
+        response = conn.getresponse()
+        assert response.status == 200
+        assert json.loads(response.read())["instance"] == "alice"
+        conn.close()
+        assert raw_request(port, b"a..b.localhost").startswith(b"HTTP/1.1 400")
+        assert b" 404 " in raw_request(port, b"zed.web.localhost")[:20]
+    finally:
+        deployment.cleanup()
+
+
+def _listening(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+    return False
