@@ -6,22 +6,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
 
-from instances.ids import InstanceKey
 from proxy import headers as h
 from proxy.responses import plain
-from proxy.state import ProxyState, WakeRejected
+from proxy.session import Session
+from proxy.state import WakeRejected
 from proxy.upstream import ConnectFailed, UpstreamConnection, UpstreamError
-from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 class ClientGone(Exception):
@@ -32,26 +27,12 @@ class BodyTooLarge(Exception):
     """The request body passed max_body_mb while streaming."""
 
 
-class Exchange:
+class Exchange(Session):
     """One request through the proxy: wake if needed, forward, stream back."""
 
-    def __init__(
-        self,
-        state: ProxyState,
-        target: Target,
-        scope: dict[str, Any],
-        receive: Receive,
-        send: Send,
-        host: bytes,
-    ) -> None:
-        self.state = state
-        self.target = target
-        self.key: InstanceKey = target.key
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self.host = host
-        self.rid = h.request_id(scope["headers"])
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self.rid = h.request_id(self.scope["headers"])
         self.woke_ms: int | None = None
         self.started = False
         self.body_started = False

@@ -160,6 +160,8 @@ class ProxyState:
         if failed:
             self.failed.add(key)
             self.wake_failed(key, "crash loop: start it manually", True)
+        else:
+            self.failed.discard(key)  # e.g. an operator cleared `failed`
         for close in list(self.closers.get(key, ())):
             close(code)
 

@@ -9,23 +9,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
 from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from instances.ids import InstanceKey
 from proxy import headers as h
-from proxy.state import ProxyState, WakeRejected
+from proxy.session import Session
+from proxy.state import WakeRejected
 from proxy.upstream import connect_unix
-from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
-
-Receive = Callable[[], Awaitable[dict[str, Any]]]
-Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 # Handshake headers the websockets client writes itself.
 HANDSHAKE = frozenset(
@@ -48,25 +43,11 @@ def sendable(code: int | None, fallback: int = 1000) -> int:
     return UNSENDABLE.get(code, code)
 
 
-class Tunnel:
+class Tunnel(Session):
     """One proxied WebSocket session."""
 
-    def __init__(
-        self,
-        state: ProxyState,
-        target: Target,
-        scope: dict[str, Any],
-        receive: Receive,
-        send: Send,
-        host: bytes,
-    ) -> None:
-        self.state = state
-        self.target = target
-        self.key: InstanceKey = target.key
-        self.scope = scope
-        self.receive = receive
-        self.send = send
-        self.host = host
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
         self.upstream: ClientConnection | None = None
         # Set when the supervisor stops the instance: the code the client gets.
         self.going_away: int | None = None

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from asgiref.sync import sync_to_async
@@ -152,3 +153,20 @@ async def test_websocket_to_an_unknown_tenant_is_refused(ws_sup: Supervisor) -> 
     )
     connected, code = await communicator.connect(timeout=5)
     assert not connected and code == 1008
+
+
+async def test_held_requests_are_capped_with_503_and_retry_after(
+    short_tmp: Path, proxy_cleanup: None, settings: Any
+) -> None:
+    settings.TENEMENT_MAX_HELD_REQUESTS = 3
+    service = await sync_to_async(make_service)(short_tmp, env={"TESTAPP_START_DELAY": "1"})
+    await sync_to_async(register)(service, "alice")
+    async with supervising(short_tmp):
+        responses = await asyncio.gather(
+            *(get(b"alice.app.localhost", "/health") for _ in range(8))
+        )
+    statuses = sorted(r["status"] for r in responses)
+    assert statuses == [200] * 3 + [503] * 5
+    refused = [r for r in responses if r["status"] == 503]
+    assert all(header(r, b"retry-after") == b"5" for r in refused)
+    assert all(b"too many requests waiting" in r["body"] for r in refused)

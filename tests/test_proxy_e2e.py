@@ -295,6 +295,25 @@ class PeakRss:
         return self.peak - self.base
 
 
+def test_chunked_upload_is_forwarded(proxy: Proxy) -> None:
+    parts = [b"a" * 1000, b"b" * 70_000, b"c"]
+    conn = http.client.HTTPConnection("127.0.0.1", proxy.port, timeout=20)
+    try:
+        conn.request(
+            "POST",
+            "/upload",
+            body=iter(parts),
+            headers={"Host": "alice.web.localhost"},
+            encode_chunked=True,
+        )
+        response = conn.getresponse()
+        answer = json.loads(response.read())
+    finally:
+        conn.close()
+    whole = b"".join(parts)
+    assert answer == {"bytes": len(whole), "sha256": hashlib.sha256(whole).hexdigest()}
+
+
 def test_body_over_the_limit_gets_413(proxy: Proxy) -> None:
     response, body = proxy.request(
         "alice.web.localhost",

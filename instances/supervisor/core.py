@@ -409,22 +409,27 @@ class Supervisor:
         await self.after_exit(rt, code)
 
     async def spawn_process(self, rt: Runtime) -> asyncio.subprocess.Process | None:
-        await self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
+        # Spawn before writing anything: a request may be held on this start, and the app
+        # boots while the database records it.
         try:
             proc = await process.spawn(rt.run_spec, rt.key.instance_id)
         except (process.SpawnError, ValueError) as e:
+            await self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
             await self.handle_failure(rt, str(e))
             return None
         rt.proc = proc
         rt.started_at = self.clock()
-        await store.update(
-            rt.pk,
+        self.attach_logs(rt, proc)
+        await self.set_state(
+            rt,
+            State.STARTING,
+            "starting",
+            f"starting {rt.key} (pid {proc.pid})",
             pid=proc.pid,
             pid_create_time=process.start_ticks(proc.pid),
             socket_path=rt.run_spec.socket_path(rt.key.instance_id),
             started_at=timezone.now(),
         )
-        self.attach_logs(rt, proc)
         if rt.stopping:  # a stop arrived while we were spawning
             await process.terminate(proc, rt.run_spec.stop_timeout)
         return proc
@@ -686,7 +691,7 @@ class Supervisor:
         rt.last_activity = self.clock()
         if rt.ready.is_set():
             return rt
-        await self.want_running(rt)
+        self.want_running(rt)
         limit = rt.spec.wake_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -727,11 +732,13 @@ class Supervisor:
         if task := self.request_stop(rt, "manual"):
             await task
 
-    async def want_running(self, rt: Runtime) -> None:
+    def want_running(self, rt: Runtime) -> None:
         if rt.desired == Desired.RUNNING:
             return
         rt.desired = Desired.RUNNING
-        await store.update_if_unchanged(rt.pk, rt.seen_version, desired_state=Desired.RUNNING)
+        # Recorded in the background: the start must not wait on a database write.
+        write = store.update_if_unchanged(rt.pk, rt.seen_version, desired_state=Desired.RUNNING)
+        self.spawn_helper(survive_database_errors("record a wake", write))
 
     # ---- persistence ------------------------------------------------------------------
 
