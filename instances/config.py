@@ -299,3 +299,36 @@ def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:
         config_dir=fields.get("config_dir", ""),
         inherit_env=fields.get("inherit_env", False),
     )
+
+
+def validate_service(name: str, data: Any, data_dir: Path) -> dict[str, Any]:
+    """One [service.NAME] table given as JSON (API), checked with the loader's rules.
+
+    Returns the model fields; raises ConfigError whose problems name `service.NAME.KEY`.
+    """
+    where = f"service {name!r}"
+    try:
+        check_label(name, "service name")
+        tables = ConfigTables.model_validate({"service": {name: data}})
+    except ValueError as e:
+        errors = e.errors() if isinstance(e, ValidationError) else None
+        problems = [_describe(err) for err in errors] if errors else [f"service: {e}"]
+        raise ConfigError(where, problems) from None
+    config = _resolve(data_dir / "api", tables, data_dir)
+    fields = config.services[name]
+    fields.update(config_dir="", source="api")
+    problems = _check_service(name, fields, [])
+    if problems:
+        raise ConfigError(where, problems)
+    return fields
+
+
+def field_errors(error: ConfigError, name: str) -> dict[str, list[str]]:
+    """ConfigError problems as {key: [message]} for an API 400."""
+    out: dict[str, list[str]] = {}
+    prefix = f"service.{name}."
+    for problem in error.problems:
+        where, _, message = problem.partition(": ")
+        key = where.removeprefix(prefix).split(".")[0] if where.startswith(prefix) else "name"
+        out.setdefault(key, []).append(message or problem)
+    return out

@@ -180,3 +180,37 @@ class SupervisorHeartbeat(models.Model):
 
     def __str__(self) -> str:
         return f"supervisor pid {self.pid}"
+
+
+class ApiToken(models.Model):
+    """A bearer token for the REST API. Only a SHA-256 of the token is stored.
+
+    Tokens are 32 random bytes, so a fast hash is enough (nothing to brute-force, unlike
+    a password); the non-secret prefix finds the row without scanning.
+    """
+
+    class Scope(models.TextChoices):
+        READ = "read"
+        WRITE = "write"
+        ADMIN = "admin"
+
+    name = models.CharField(max_length=100, unique=True)
+    prefix = models.CharField(max_length=16, unique=True)
+    digest = models.CharField(max_length=64)
+    scope = models.CharField(max_length=8, choices=Scope.choices, default=Scope.READ)
+    tenant = models.CharField(
+        max_length=63,
+        blank=True,
+        validators=[label_validator],
+        help_text="If set, the token sees and acts on this tenant's instances only.",
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.scope})"

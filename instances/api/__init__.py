@@ -1,0 +1,1 @@
+"""The REST API (Django REST framework), served on the control host under /api/."""

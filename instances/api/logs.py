@@ -1,0 +1,185 @@
+"""Log search and the live log stream (Server-Sent Events)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db.models import QuerySet
+from django.http import StreamingHttpResponse
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from instances.api.auth import tenant_of
+from instances.api.views import bounded_int
+from instances.ids import InvalidName, parse_key
+from instances.models import Instance, LogLine
+
+POLL_SECONDS = 0.5  # lines are written by the supervisor, maybe in another process
+KEEPALIVE_SECONDS = 15.0
+STREAM_BATCH = 500
+
+FILTERS = [
+    OpenApiParameter("instance", str, description="SERVICE:ID"),
+    OpenApiParameter("stream", str, enum=["stdout", "stderr"]),
+]
+
+
+def scoped_instances(request: Request) -> QuerySet[Instance]:
+    """The instances this caller may read, narrowed to ?instance= if given."""
+    qs = Instance.objects.select_related("service")
+    if tenant := tenant_of(request):
+        qs = qs.filter(instance_id=tenant)
+    if raw := request.query_params.get("instance"):
+        try:
+            key = parse_key(raw)
+        except InvalidName as e:
+            raise ValidationError({"instance": [str(e)]}) from None
+        qs = qs.filter(service__name=key.service, instance_id=key.instance_id)
+        if not qs.exists():
+            raise NotFound(f"{key} is not registered")
+    return qs
+
+
+def stream_param(request: Request) -> str | None:
+    stream = request.query_params.get("stream") or None
+    if stream not in (None, "stdout", "stderr"):
+        raise ValidationError({"stream": ["must be stdout or stderr"]})
+    return stream
+
+
+def time_param(request: Request, name: str) -> datetime | None:
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    try:
+        value = parse_datetime(raw)
+    except ValueError:
+        value = None
+    if value is None:
+        raise ValidationError({name: ["must be an ISO 8601 time, e.g. 2026-11-22T10:00:00Z"]})
+    return value
+
+
+class LogSearchView(APIView):
+    """Full-text search over captured output: words, "a phrase", -exclude."""
+
+    @extend_schema(
+        parameters=[
+            *FILTERS,
+            OpenApiParameter("q", str, description='words, "a phrase", -exclude'),
+            OpenApiParameter("since", str, description="ISO 8601"),
+            OpenApiParameter("until", str, description="ISO 8601"),
+            OpenApiParameter("limit", int, description="1 to 1000 (default 100)"),
+            OpenApiParameter("order", str, enum=["rank", "newest"]),
+            OpenApiParameter("before", int, description="page on: next_before of the last page"),
+        ],
+        responses=dict,
+    )
+    def get(self, request: Request) -> Response:
+        from instances import logsearch
+
+        instances = {i.pk: str(i.key) for i in scoped_instances(request)}
+        order = request.query_params.get("order") or "rank"
+        if order not in ("rank", "newest"):
+            raise ValidationError({"order": ["must be rank or newest"]})
+        limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
+        before = request.query_params.get("before")
+        try:
+            hits = logsearch.search(
+                request.query_params.get("q") or None,
+                instance_ids=list(instances),
+                stream=stream_param(request),
+                since=time_param(request, "since"),
+                until=time_param(request, "until"),
+                limit=limit,
+                order=order,
+                before_id=bounded_int(before, 0, 2**62, "before") if before else None,
+            )
+        except logsearch.SearchError as e:
+            raise ValidationError({"q": [str(e)]}) from None
+        results = [
+            {
+                "id": hit.id,
+                "instance": instances.get(hit.instance_id, ""),
+                "stream": hit.stream,
+                "time": hit.time.isoformat(),
+                "text": hit.text,
+                "snippet": hit.snippet,
+            }
+            for hit in hits
+        ]
+        paged = order == "newest" or not request.query_params.get("q")
+        next_before = results[-1]["id"] if paged and len(results) == limit else None
+        return Response({"results": results, "next_before": next_before})
+
+
+class LogStreamView(APIView):
+    """New log lines as Server-Sent Events (`data: {...}`), until the client goes."""
+
+    @extend_schema(parameters=FILTERS, responses={(200, "text/event-stream"): str})
+    def get(self, request: Request) -> StreamingHttpResponse:
+        ids = list(scoped_instances(request).values_list("pk", flat=True))
+        keys = {i.pk: str(i.key) for i in scoped_instances(request)}
+        after = _resume_point(request)
+        response = StreamingHttpResponse(
+            follow(ids, keys, stream_param(request), after), content_type="text/event-stream"
+        )
+        response["Cache-Control"] = "no-cache"
+        response["X-Accel-Buffering"] = "no"
+        return response
+
+
+def _resume_point(request: Request) -> int:
+    # EventSource resends the last id it saw; otherwise start from now.
+    last = request.headers.get("Last-Event-ID", "")
+    if last.isdigit():
+        return int(last)
+    return LogLine.objects.order_by("-id").values_list("id", flat=True).first() or 0
+
+
+@sync_to_async
+def _lines_after(ids: list[int], stream: str | None, after: int) -> list[LogLine]:
+    qs = LogLine.objects.filter(instance_id__in=ids, id__gt=after)
+    if stream:
+        qs = qs.filter(stream=stream)
+    return list(qs.order_by("id")[:STREAM_BATCH])
+
+
+async def follow(
+    ids: list[int], keys: dict[int, str], stream: str | None, after: int
+) -> AsyncIterator[bytes]:
+    quiet = 0.0
+    while True:
+        rows = await _lines_after(ids, stream, after) if ids else []
+        for row in rows:
+            after = row.id
+            yield _event(row, keys)
+        if rows:
+            quiet = 0.0
+            continue
+        # The supervisor may be another process: there is no event to wait on here.
+        await asyncio.sleep(POLL_SECONDS)
+        quiet += POLL_SECONDS
+        if quiet >= KEEPALIVE_SECONDS:
+            quiet = 0.0
+            yield b": keepalive\n\n"
+
+
+def _event(row: LogLine, keys: dict[int, str]) -> bytes:
+    payload: dict[str, Any] = {
+        "id": row.id,
+        "instance": keys.get(row.instance_id, ""),
+        "stream": row.stream,
+        "time": row.time.isoformat(),
+        "text": row.text,
+    }
+    return f"id: {row.id}\ndata: {json.dumps(payload)}\n\n".encode()

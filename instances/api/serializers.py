@@ -1,0 +1,183 @@
+"""What the API shows of services, instances, events and tokens."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import psutil
+from rest_framework import serializers
+
+from instances.ids import LABEL_RE
+from instances.models import ApiToken, Event, Instance, Service
+
+# DRF's RegexField searches; anchor it so "Bad/.." does not pass on its "ad".
+LABEL = rf"\A{LABEL_RE.pattern}\Z"
+
+SERVICE_FIELDS = [
+    "name",
+    "command",
+    "args",
+    "socket",
+    "health",
+    "env",
+    "workdir",
+    "inherit_env",
+    "idle_timeout",
+    "startup_timeout",
+    "request_timeout",
+    "wake_timeout",
+    "stop_timeout",
+    "log_retention_lines",
+    "isolation",
+    "memory_limit_mb",
+    "cpu_shares",
+    "storage_quota_mb",
+    "storage_persist",
+    "source",
+    "created_at",
+    "updated_at",
+]
+
+
+class ServiceSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Service
+        fields = SERVICE_FIELDS
+        read_only_fields = SERVICE_FIELDS
+
+    def to_representation(self, instance: Service) -> dict[str, Any]:
+        data = super().to_representation(instance)
+        if not self.context.get("show_env", False):
+            # env may hold secrets: only admin callers see the values.
+            data["env"] = {key: "***" for key in data["env"]}
+        return data
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    key = serializers.SerializerMethodField()
+    service = serializers.CharField(source="service.name")
+    uptime_seconds = serializers.SerializerMethodField()
+    idle_seconds = serializers.SerializerMethodField()
+    rss_bytes = serializers.SerializerMethodField()
+    cpu_percent = serializers.SerializerMethodField()
+    url = serializers.SerializerMethodField()
+
+    class Meta:
+        model = Instance
+        fields = [
+            "key",
+            "service",
+            "instance_id",
+            "state",
+            "desired_state",
+            "always_on",
+            "pid",
+            "uptime_seconds",
+            "idle_seconds",
+            "restart_count",
+            "last_exit_code",
+            "last_error",
+            "health_ok",
+            "health_checked_at",
+            "rss_bytes",
+            "cpu_percent",
+            "url",
+            "started_at",
+            "last_activity",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+    def get_key(self, obj: Instance) -> str:
+        return str(obj.key)
+
+    def get_uptime_seconds(self, obj: Instance) -> float | None:
+        return obj.uptime_seconds(self.context.get("now"))
+
+    def get_idle_seconds(self, obj: Instance) -> float | None:
+        return obj.idle_seconds(self.context.get("now"))
+
+    def get_rss_bytes(self, obj: Instance) -> int | None:
+        proc = live_process(obj)
+        return proc.memory_info().rss if proc else None
+
+    def get_cpu_percent(self, obj: Instance) -> float | None:
+        proc = live_process(obj)
+        return proc.cpu_percent(interval=None) if proc else None
+
+    def get_url(self, obj: Instance) -> str:
+        from django.conf import settings
+
+        return f"http://{obj.instance_id}.{obj.service.name}.{settings.TENEMENT_DOMAIN}/"
+
+
+# psutil's cpu_percent compares with the previous call on the same Process object, so keep
+# them (keyed by pid and start time, which a reused pid cannot match).
+_processes: dict[tuple[int, float | None], psutil.Process] = {}
+
+
+def live_process(obj: Instance) -> psutil.Process | None:
+    if obj.state != Instance.State.RUNNING or not obj.pid:
+        return None
+    key = (obj.pid, obj.pid_create_time)
+    proc = _processes.get(key)
+    try:
+        if proc is None:
+            proc = psutil.Process(obj.pid)
+            proc.cpu_percent(interval=None)  # primes the counter
+            if len(_processes) > 10_000:
+                _processes.clear()
+            _processes[key] = proc
+        if not proc.is_running():
+            raise psutil.NoSuchProcess(obj.pid)
+        return proc
+    except psutil.Error:
+        _processes.pop(key, None)
+        return None
+
+
+class InstanceCreateSerializer(serializers.Serializer):
+    service = serializers.RegexField(LABEL, max_length=63)
+    instance_id = serializers.RegexField(
+        LABEL,
+        max_length=63,
+        error_messages={"invalid": "must be 1 to 63 lowercase letters, digits and '-'"},
+    )
+    start = serializers.BooleanField(default=True)
+
+
+class EventSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = Event
+        fields = ["time", "kind", "from_state", "to_state", "message"]
+        read_only_fields = fields
+
+
+class TokenSerializer(serializers.ModelSerializer):
+    class Meta:
+        model = ApiToken
+        fields = [
+            "name",
+            "prefix",
+            "scope",
+            "tenant",
+            "expires_at",
+            "last_used_at",
+            "revoked_at",
+            "created_at",
+        ]
+        read_only_fields = fields
+
+
+class TokenCreateSerializer(serializers.Serializer):
+    name = serializers.CharField(max_length=100)
+    scope = serializers.ChoiceField(choices=ApiToken.Scope.choices, default="read")
+    tenant = serializers.RegexField(LABEL, max_length=63, required=False, default="")
+    expires_days = serializers.FloatField(
+        required=False, allow_null=True, min_value=0.0001, max_value=3650
+    )
+
+
+def now() -> float:
+    return time.time()

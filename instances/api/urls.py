@@ -1,0 +1,23 @@
+from __future__ import annotations
+
+from django.urls import include, path
+from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import DefaultRouter
+
+from instances.api import logs, schema, views  # noqa: F401  (schema registers an extension)
+
+router = DefaultRouter()
+router.trailing_slash = "/?"  # scripts and the CLI may leave the slash off; no redirect
+router.register("services", views.ServiceViewSet, basename="service")
+router.register("instances", views.InstanceViewSet, basename="instance")
+router.register("tokens", views.TokenViewSet, basename="token")
+
+urlpatterns = [
+    path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
+    path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("logs", logs.LogSearchView.as_view(), name="api-logs"),
+    path("logs/", logs.LogSearchView.as_view()),
+    path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),
+    path("logs/stream/", logs.LogStreamView.as_view()),
+    path("", include(router.urls)),
+]

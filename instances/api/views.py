@@ -1,0 +1,267 @@
+"""API views: thin; the work is in instances.operations, instances.config, instances.tokens."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.db.models import QuerySet
+from drf_spectacular.utils import OpenApiParameter, extend_schema
+from rest_framework import mixins, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
+from rest_framework.request import Request
+from rest_framework.response import Response
+
+from instances import operations as ops
+from instances import tokens
+from instances.api import serializers as s
+from instances.api.auth import tenant_of, token_of
+from instances.api.errors import Conflict
+from instances.config import ConfigError, field_errors, validate_service
+from instances.ids import InvalidName, parse_key
+from instances.models import ApiToken, Event, Instance, Service
+from instances.spec import ServiceSpec
+
+KEY_REGEX = r"[a-z0-9-]+:[a-z0-9-]+"
+PURGE_WAIT_SLACK = 5.0
+
+
+class ServiceViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Service definitions: the same fields and rules as `[service.NAME]` in tenement.toml."""
+
+    queryset = Service.objects.all()
+    serializer_class = s.ServiceSerializer
+    lookup_field = "name"
+    lookup_value_regex = "[a-z0-9-]+"
+
+    def get_permissions(self) -> list[Any]:
+        # Defining services is an admin matter: a service runs commands for every tenant.
+        self.required_scope = None if self.action in ("list", "retrieve") else "admin"
+        return super().get_permissions()
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        token = token_of(self.request)
+        is_admin = token.scope == "admin" if token else self.request.user.is_staff
+        return {**super().get_serializer_context(), "show_env": is_admin}
+
+    @extend_schema(request=dict, responses=s.ServiceSerializer)
+    def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        data = dict(request.data)
+        name = str(data.pop("name", ""))
+        fields = self.validated(name, data)
+        conflict = Conflict(f"a service named {name!r} already exists")
+        if Service.objects.filter(name=name).exists():
+            raise conflict
+        try:
+            with transaction.atomic():
+                service = Service.objects.create(name=name, **fields)
+        except IntegrityError:  # created by someone else just now
+            raise conflict from None
+        return Response(self.get_serializer(service).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=dict, responses=s.ServiceSerializer)
+    def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        service = self.get_object()
+        data = dict(request.data)
+        data.pop("name", None)
+        if kwargs.get("partial"):
+            current = {f: getattr(service, f) for f in PARTIAL_BASE if getattr(service, f)}
+            data = {**current, **data}
+        fields = self.validated(service.name, data)
+        for key, value in fields.items():
+            setattr(service, key, value)
+        service.save()  # bumps updated_at: the supervisor applies it to the next start
+        return Response(self.get_serializer(service).data)
+
+    def validated(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
+        for key in ("source", "created_at", "updated_at"):
+            data.pop(key, None)
+        try:
+            return validate_service(name, data, settings.TENEMENT_DATA_DIR)
+        except ConfigError as e:
+            raise ValidationError(field_errors(e, name)) from None
+
+
+# Fields a PATCH starts from (the rest take their defaults unless given).
+PARTIAL_BASE = (
+    "command",
+    "args",
+    "socket",
+    "health",
+    "env",
+    "workdir",
+    "inherit_env",
+    "idle_timeout",
+    "startup_timeout",
+    "request_timeout",
+    "wake_timeout",
+    "stop_timeout",
+    "log_retention_lines",
+    "isolation",
+    "memory_limit_mb",
+    "cpu_shares",
+    "storage_quota_mb",
+    "storage_persist",
+)
+
+
+class InstanceViewSet(
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.DestroyModelMixin,
+    viewsets.GenericViewSet,
+):
+    """Tenants' instances, keyed `service:id`. Tenant tokens see only their own."""
+
+    serializer_class = s.InstanceSerializer
+    lookup_field = "key"
+    lookup_value_regex = KEY_REGEX
+
+    def get_queryset(self) -> QuerySet[Instance]:
+        qs = Instance.objects.select_related("service")
+        if tenant := tenant_of(self.request):
+            qs = qs.filter(instance_id=tenant)
+        if service := self.request.query_params.get("service"):
+            qs = qs.filter(service__name=service)
+        if state := self.request.query_params.get("state"):
+            qs = qs.filter(state=state)
+        return qs
+
+    def get_serializer_context(self) -> dict[str, Any]:
+        return {**super().get_serializer_context(), "now": time.time()}
+
+    def get_object(self) -> Instance:
+        try:
+            key = parse_key(self.kwargs["key"])
+        except InvalidName as e:
+            raise ValidationError({"key": [str(e)]}) from None
+        instance = (
+            self.get_queryset()
+            .filter(service__name=key.service, instance_id=key.instance_id)
+            .first()
+        )
+        if instance is None:
+            raise NotFound(f"{key} is not registered")
+        return instance
+
+    @extend_schema(request=s.InstanceCreateSerializer, responses={201: s.InstanceSerializer})
+    def create(self, request: Request) -> Response:
+        body = s.InstanceCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        tenant = tenant_of(request)
+        if tenant and data["instance_id"] != tenant:
+            raise PermissionDenied(f"this token may only act on tenant {tenant!r}")
+        try:
+            instance, created = ops.register(
+                f"{data['service']}:{data['instance_id']}", start=data["start"]
+            )
+        except ops.OperationError as e:
+            raise NotFound(str(e)) from None
+        if not created:
+            raise Conflict(f"{instance.key} is already registered")
+        return Response(self.get_serializer(instance).data, status=status.HTTP_201_CREATED)
+
+    @extend_schema(request=None, responses={202: s.InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def start(self, request: Request, key: str) -> Response:
+        return self.change(ops.request_start)
+
+    @extend_schema(request=None, responses={202: s.InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def stop(self, request: Request, key: str) -> Response:
+        return self.change(ops.request_stop)
+
+    @extend_schema(request=None, responses={202: s.InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def restart(self, request: Request, key: str) -> Response:
+        return self.change(ops.request_restart)
+
+    def change(self, operation: Any) -> Response:
+        instance = operation(self.get_object().key)
+        return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("limit", int, description="newest first, at most 1000")],
+        responses=s.EventSerializer(many=True),
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, key: str) -> Response:
+        instance = self.get_object()
+        limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
+        rows = Event.objects.filter(instance=instance).order_by("-time", "-id")[:limit]
+        return Response(s.EventSerializer(rows, many=True).data)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("purge", bool, description="also delete its data dir")],
+    )
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        instance = self.get_object()
+        purge = request.query_params.get("purge", "").lower() in ("1", "true", "yes")
+        if purge:
+            # Stop first, so nothing writes into the directory while it is removed.
+            ops.request_stop(instance.key)
+            wait = instance.service.stop_timeout + PURGE_WAIT_SLACK
+            instance = ops.wait_for_states(instance.pk, {"stopped", "failed"}, wait)
+            if instance.state not in ("stopped", "failed") and ops.supervisor_alive():
+                raise Conflict(f"{instance.key} did not stop within {wait:g}s; not purged")
+        data_dir = ServiceSpec.from_model(instance.service).instance_dir(instance.instance_id)
+        with transaction.atomic():
+            instance.delete()  # the supervisor stops a running process within a second
+        if purge:
+            shutil.rmtree(data_dir, ignore_errors=True)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.GenericViewSet):
+    """API tokens (admin scope). A new token's secret is in the create response only."""
+
+    queryset = ApiToken.objects.all()
+    serializer_class = s.TokenSerializer
+    lookup_field = "name"
+    required_scope = "admin"
+
+    @extend_schema(request=s.TokenCreateSerializer, responses={201: dict})
+    def create(self, request: Request) -> Response:
+        body = s.TokenCreateSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        data = body.validated_data
+        try:
+            minted = tokens.mint(
+                data["name"], data["scope"], data.get("tenant", ""), data.get("expires_days")
+            )
+        except tokens.TokenError as e:
+            if "already exists" in str(e):
+                raise Conflict(str(e)) from None
+            raise ValidationError({"non_field_errors": [str(e)]}) from None
+        out = dict(s.TokenSerializer(minted.token).data, token=minted.secret)
+        return Response(out, status=status.HTTP_201_CREATED)
+
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        try:
+            tokens.revoke(kwargs["name"])
+        except tokens.TokenError as e:
+            raise NotFound(str(e)) from None
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+def bounded_int(raw: str | None, default: int, most: int, name: str) -> int:
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError({name: ["must be an integer"]}) from None
+    if not 1 <= value <= most:
+        raise ValidationError({name: [f"must be between 1 and {most}"]})
+    return value
