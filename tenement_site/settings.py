@@ -40,6 +40,8 @@ TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 # instance are held while it wakes (more get 503 with Retry-After).
 TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
+# The API: this many failed token checks from one address in a minute, then 429.
+TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 
 SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -125,7 +127,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["instances.api.auth.ScopePermission"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
     "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_SCHEMA_CLASS": "instances.api.schema.TenementSchema",
     "EXCEPTION_HANDLER": "instances.api.errors.handle",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
 }
@@ -133,6 +135,8 @@ SPECTACULAR_SETTINGS = {
     "TITLE": "tenement API",
     "DESCRIPTION": "Services, instances, logs and tokens. Authorization: Bearer <token>.",
     "VERSION": "1",
+    # 3.1: JSON Schema 2020-12, so the service body can be the config loader's own schema.
+    "OAS_VERSION": "3.1.0",
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SWAGGER_UI_DIST": "SIDECAR",

@@ -300,3 +300,18 @@ def test_errors_are_json_never_tracebacks(world: dict) -> None:
         assert 400 <= response.status_code < 500
         assert set(body) == {"error"} and body["error"]["message"]
         assert "Traceback" not in response.content.decode()
+
+
+def test_the_log_stream_accepts_what_eventsource_sends(world: dict) -> None:
+    response = client("read").get("/api/logs/stream", HTTP_ACCEPT="text/event-stream")
+    assert response.status_code == 200
+    assert response["Content-Type"] == "text/event-stream"
+    response.close()
+
+
+def test_unknown_api_paths_are_json_404s(world: dict) -> None:
+    admin = client("admin")
+    for method in ("get", "post", "delete"):
+        response = getattr(admin, method)("/api/instances/%C2%84/start/")
+        assert response.status_code == 404
+        assert response.json()["error"]["status"] == 404

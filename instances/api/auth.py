@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from django.conf import settings
 from django.core.cache import cache
 from rest_framework import exceptions
 from rest_framework.authentication import BaseAuthentication
@@ -13,8 +14,9 @@ from rest_framework.request import Request
 from instances import tokens
 from instances.models import ApiToken
 
-FAILURE_LIMIT = 10  # failed attempts per client address ...
-FAILURE_WINDOW = 60  # ... within this many seconds, then 429 until the window ends
+# TENEMENT_AUTH_FAILURE_LIMIT failed attempts per client address within this many
+# seconds, then 429 until the window ends.
+FAILURE_WINDOW = 60
 
 
 class TokenUser:
@@ -56,7 +58,7 @@ def _key(address: str) -> str:
 
 
 def refuse_if_throttled(address: str) -> None:
-    if (cache.get(_key(address)) or 0) >= FAILURE_LIMIT:
+    if (cache.get(_key(address)) or 0) >= settings.TENEMENT_AUTH_FAILURE_LIMIT:
         raise exceptions.Throttled(wait=FAILURE_WINDOW, detail="too many failed attempts")
 
 

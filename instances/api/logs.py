@@ -12,23 +12,41 @@ from asgiref.sync import sync_to_async
 from django.db.models import QuerySet
 from django.http import StreamingHttpResponse
 from django.utils.dateparse import parse_datetime
-from drf_spectacular.utils import OpenApiParameter, extend_schema
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import serializers
 from rest_framework.exceptions import NotFound, ValidationError
+from rest_framework.renderers import JSONRenderer
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from instances.api.auth import tenant_of
-from instances.api.views import bounded_int
-from instances.ids import InvalidName, parse_key
+from instances.api.params import bounded_int, int_param
+from instances.ids import LABEL_RE, InvalidName, parse_key
 from instances.models import Instance, LogLine
 
 POLL_SECONDS = 0.5  # lines are written by the supervisor, maybe in another process
 KEEPALIVE_SECONDS = 15.0
 STREAM_BATCH = 500
 
+# What each SSE event's `data:` holds.
+LOG_EVENT = inline_serializer(
+    "LogEvent",
+    fields={
+        "id": serializers.IntegerField(),
+        "instance": serializers.CharField(),
+        "stream": serializers.CharField(),
+        "time": serializers.DateTimeField(),
+        "text": serializers.CharField(),
+    },
+)
+
+KEY = f"{LABEL_RE.pattern}:{LABEL_RE.pattern}"
 FILTERS = [
-    OpenApiParameter("instance", str, description="SERVICE:ID"),
+    OpenApiParameter(
+        "instance", {"type": "string", "pattern": f"^{KEY}$"}, description="SERVICE:ID"
+    ),
     OpenApiParameter("stream", str, enum=["stdout", "stderr"]),
 ]
 
@@ -76,11 +94,11 @@ class LogSearchView(APIView):
         parameters=[
             *FILTERS,
             OpenApiParameter("q", str, description='words, "a phrase", -exclude'),
-            OpenApiParameter("since", str, description="ISO 8601"),
-            OpenApiParameter("until", str, description="ISO 8601"),
-            OpenApiParameter("limit", int, description="1 to 1000 (default 100)"),
+            OpenApiParameter("since", OpenApiTypes.DATETIME),
+            OpenApiParameter("until", OpenApiTypes.DATETIME),
+            int_param("limit", 1000, "default 100"),
             OpenApiParameter("order", str, enum=["rank", "newest"]),
-            OpenApiParameter("before", int, description="page on: next_before of the last page"),
+            int_param("before", 2**62, "the next page: next_before of the last one"),
         ],
         responses=dict,
     )
@@ -122,10 +140,19 @@ class LogSearchView(APIView):
         return Response({"results": results, "next_before": next_before})
 
 
+class EventStreamRenderer(JSONRenderer):
+    """Lets `Accept: text/event-stream` (what EventSource sends) through negotiation;
+    errors before the stream starts are still JSON."""
+
+    media_type = "text/event-stream"
+
+
 class LogStreamView(APIView):
     """New log lines as Server-Sent Events (`data: {...}`), until the client goes."""
 
-    @extend_schema(parameters=FILTERS, responses={(200, "text/event-stream"): str})
+    renderer_classes = (JSONRenderer, EventStreamRenderer)
+
+    @extend_schema(parameters=FILTERS, responses={(200, "text/event-stream"): LOG_EVENT})
     def get(self, request: Request) -> StreamingHttpResponse:
         ids = list(scoped_instances(request).values_list("pk", flat=True))
         keys = {i.pk: str(i.key) for i in scoped_instances(request)}
@@ -171,7 +198,9 @@ async def follow(
         quiet += POLL_SECONDS
         if quiet >= KEEPALIVE_SECONDS:
             quiet = 0.0
-            yield b": keepalive\n\n"
+            # A comment line with no blank line after it: it keeps proxies from timing the
+            # stream out and is folded into the next event, so it never dispatches as one.
+            yield b": keepalive\n"
 
 
 def _event(row: LogLine, keys: dict[int, str]) -> bytes:

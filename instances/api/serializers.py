@@ -170,8 +170,17 @@ class TokenSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class StrictCharField(serializers.CharField):
+    """A CharField that refuses numbers and booleans instead of turning them into text."""
+
+    def to_internal_value(self, data: Any) -> str:
+        if not isinstance(data, str):
+            self.fail("invalid")
+        return super().to_internal_value(data)
+
+
 class TokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100)
+    name = StrictCharField(min_length=1, max_length=100)
     scope = serializers.ChoiceField(choices=ApiToken.Scope.choices, default="read")
     tenant = serializers.RegexField(LABEL, max_length=63, required=False, default="")
     expires_days = serializers.FloatField(

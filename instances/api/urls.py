@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from django.urls import include, path
+from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
@@ -20,4 +20,6 @@ urlpatterns = [
     path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),
     path("logs/stream/", logs.LogStreamView.as_view()),
     path("", include(router.urls)),
+    # Anything else under /api/ is a JSON 404, not Django's HTML page.
+    re_path(r"", views.not_found),
 ]

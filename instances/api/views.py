@@ -9,6 +9,8 @@ from typing import Any
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.db.models import QuerySet
+from django.http import JsonResponse
+from django.views.decorators.csrf import csrf_exempt
 from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
@@ -21,6 +23,8 @@ from instances import tokens
 from instances.api import serializers as s
 from instances.api.auth import tenant_of, token_of
 from instances.api.errors import Conflict
+from instances.api.params import bounded_int, int_param, json_object
+from instances.api.schema import service_body
 from instances.config import ConfigError, field_errors, validate_service
 from instances.ids import InvalidName, parse_key
 from instances.models import ApiToken, Event, Instance, Service
@@ -54,9 +58,9 @@ class ServiceViewSet(
         is_admin = token.scope == "admin" if token else self.request.user.is_staff
         return {**super().get_serializer_context(), "show_env": is_admin}
 
-    @extend_schema(request=dict, responses=s.ServiceSerializer)
+    @extend_schema(request=service_body(with_name=True), responses={201: s.ServiceSerializer})
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
-        data = dict(request.data)
+        data = json_object(request)
         name = str(data.pop("name", ""))
         fields = self.validated(name, data)
         conflict = Conflict(f"a service named {name!r} already exists")
@@ -69,11 +73,10 @@ class ServiceViewSet(
             raise conflict from None
         return Response(self.get_serializer(service).data, status=status.HTTP_201_CREATED)
 
-    @extend_schema(request=dict, responses=s.ServiceSerializer)
+    @extend_schema(request=service_body(with_name=False), responses=s.ServiceSerializer)
     def update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         service = self.get_object()
-        data = dict(request.data)
-        data.pop("name", None)
+        data = json_object(request)
         if kwargs.get("partial"):
             current = {f: getattr(service, f) for f in PARTIAL_BASE if getattr(service, f)}
             data = {**current, **data}
@@ -82,6 +85,12 @@ class ServiceViewSet(
             setattr(service, key, value)
         service.save()  # bumps updated_at: the supervisor applies it to the next start
         return Response(self.get_serializer(service).data)
+
+    @extend_schema(
+        request=service_body(with_name=False, partial=True), responses=s.ServiceSerializer
+    )
+    def partial_update(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        return super().partial_update(request, *args, **kwargs)
 
     def validated(self, name: str, data: dict[str, Any]) -> dict[str, Any]:
         for key in ("source", "created_at", "updated_at"):
@@ -192,7 +201,7 @@ class InstanceViewSet(
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
-        parameters=[OpenApiParameter("limit", int, description="newest first, at most 1000")],
+        parameters=[int_param("limit", 1000, "newest first (default 100)")],
         responses=s.EventSerializer(many=True),
     )
     @action(detail=True, methods=["get"])
@@ -229,6 +238,7 @@ class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Gen
     queryset = ApiToken.objects.all()
     serializer_class = s.TokenSerializer
     lookup_field = "name"
+    lookup_value_regex = "[^/]+"  # token names are free text (but never contain '/')
     required_scope = "admin"
 
     @extend_schema(request=s.TokenCreateSerializer, responses={201: dict})
@@ -255,13 +265,7 @@ class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Gen
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
-def bounded_int(raw: str | None, default: int, most: int, name: str) -> int:
-    if raw in (None, ""):
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValidationError({name: ["must be an integer"]}) from None
-    if not 1 <= value <= most:
-        raise ValidationError({name: [f"must be between 1 and {most}"]})
-    return value
+@csrf_exempt  # it changes nothing; without this a POST would get CSRF's HTML 403
+def not_found(request: Any, *args: Any, **kwargs: Any) -> JsonResponse:
+    body = {"error": {"status": 404, "message": f"no API endpoint at {request.path}"}}
+    return JsonResponse(body, status=404)
