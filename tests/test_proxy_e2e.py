@@ -67,10 +67,11 @@ MIB = 1024 * 1024
 class Proxy(Deployment):
     """A deployment serving HTTP on a free loopback port."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, env: dict[str, str] | None = None) -> None:
         super().__init__(root, CONFIG)
         self.port = free_port()
         self.env["TENEMENT_MAX_BODY_MB"] = "70"
+        self.env.update(env or {})
         self.proc = self.start(
             "--config", str(self.config), "--bind", f"127.0.0.1:{self.port}", http=True
         )

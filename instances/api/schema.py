@@ -66,6 +66,7 @@ def service_body(*, with_name: bool, partial: bool = False) -> dict[str, Any]:
     schema["properties"]["command"]["minLength"] = 1
     schema["properties"]["health"]["pattern"] = f"^({HEALTH_PATH_RE.pattern})?$"
     schema["properties"].pop("always_on", None)  # per instance, not per service
+    schema["properties"]["env"]["propertyNames"] = {"pattern": "^[A-Za-z_][A-Za-z0-9_]*$"}
     schema["required"] = [] if partial else ["command"]
     if with_name:
         label = {"type": "string", "pattern": f"^{LABEL_RE.pattern}$"}
