@@ -106,14 +106,18 @@ class LogSearchView(APIView):
         from instances import logsearch
 
         instances = {i.pk: str(i.key) for i in scoped_instances(request)}
-        order = request.query_params.get("order") or "rank"
+        q = request.query_params.get("q") or None
+        # Without words there is nothing to rank: a listing is always newest first.
+        order = (request.query_params.get("order") or "rank") if q else "newest"
         if order not in ("rank", "newest"):
             raise ValidationError({"order": ["must be rank or newest"]})
+        if order == "rank" and request.query_params.get("before"):
+            raise ValidationError({"before": ["paging needs order=newest"]})
         limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
         before = request.query_params.get("before")
         try:
             hits = logsearch.search(
-                request.query_params.get("q") or None,
+                q,
                 instance_ids=list(instances),
                 stream=stream_param(request),
                 since=time_param(request, "since"),
@@ -135,8 +139,8 @@ class LogSearchView(APIView):
             }
             for hit in hits
         ]
-        paged = order == "newest" or not request.query_params.get("q")
-        next_before = results[-1]["id"] if paged and len(results) == limit else None
+        paged = order == "newest" and len(results) == limit
+        next_before = results[-1]["id"] if paged else None
         return Response({"results": results, "next_before": next_before})
 
 
