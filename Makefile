@@ -26,6 +26,7 @@ bench: $(VENV)/.installed-dev $(TEN)
 	./scripts/system-deps.sh bench
 	$(VENV)/bin/python bench/supervisor_idle.py
 	$(VENV)/bin/python bench/proxy.py
+	$(VENV)/bin/python bench/log_search.py
 
 # Upstream tenement, the benchmarks' peer: its own venv, never a dependency of ours.
 $(TEN):

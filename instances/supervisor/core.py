@@ -420,16 +420,23 @@ class Supervisor:
         rt.proc = proc
         rt.started_at = self.clock()
         self.attach_logs(rt, proc)
-        await self.set_state(
-            rt,
+        message = f"starting {rt.key} (pid {proc.pid})"
+        old = self.enter_state(rt, State.STARTING, message)
+        record = store.transition(
+            rt.pk,
+            old,
             State.STARTING,
             "starting",
-            f"starting {rt.key} (pid {proc.pid})",
+            message,
             pid=proc.pid,
             pid_create_time=process.start_ticks(proc.pid),
             socket_path=rt.run_spec.socket_path(rt.key.instance_id),
             started_at=timezone.now(),
         )
+        # Not awaited: the readiness probes start now, not after a busy database (a log
+        # flush can hold it for tens of ms) has taken the record. Writes reach the
+        # database thread in the order they are made, so this one lands first.
+        self.spawn_helper(survive_database_errors("record a start", record))
         if rt.stopping:  # a stop arrived while we were spawning
             await process.terminate(proc, rt.run_spec.stop_timeout)
         return proc
@@ -745,10 +752,15 @@ class Supervisor:
     async def set_state(
         self, rt: Runtime, new: str, kind: str, message: str, **fields: Any
     ) -> None:
+        old = self.enter_state(rt, new, message)
+        await store.transition(rt.pk, old, new, kind, message, **fields)
+
+    def enter_state(self, rt: Runtime, new: str, message: str) -> str:
+        """The in-memory half of a transition; returns the old state."""
         old, rt.state = rt.state, new
         rt.notify()
         log.info("%s %s -> %s: %s", rt.key, old, new, message)
-        await store.transition(rt.pk, old, new, kind, message, **fields)
+        return old
 
     async def recover(self) -> int:
         """After a supervisor crash: kill processes we started that are still alive.
