@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment
+from tests.harness import Deployment, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -44,12 +44,6 @@ env = {{ TESTAPP_EXIT_AFTER = "0", TESTAPP_EXIT_CODE = "1" }}
 app = ["alice", "bob"]
 """
 BASE_ENV = {k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ten(

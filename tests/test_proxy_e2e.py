@@ -26,7 +26,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment
+from tests.harness import Deployment, free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -119,12 +119,6 @@ class Proxy(Deployment):
     def websocket(self, host: str, path: str = "/ws", **kwargs: Any) -> ClientConnection:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
         return ws_connect(f"ws://{host}{path}", sock=sock, open_timeout=15, **kwargs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

@@ -14,8 +14,8 @@ from instances.models import ApiToken, Event, Instance, Service
 # DRF's RegexField searches; anchor it so "Bad/.." does not pass on its "ad".
 LABEL = rf"\A{LABEL_RE.pattern}\Z"
 
-SERVICE_FIELDS = [
-    "name",
+# What an API write may set: the keys of [service.NAME] that a Service row stores.
+WRITABLE_SERVICE_FIELDS = (
     "command",
     "args",
     "socket",
@@ -34,10 +34,8 @@ SERVICE_FIELDS = [
     "cpu_shares",
     "storage_quota_mb",
     "storage_persist",
-    "source",
-    "created_at",
-    "updated_at",
-]
+)
+SERVICE_FIELDS = ["name", *WRITABLE_SERVICE_FIELDS, "source", "created_at", "updated_at"]
 
 
 class ServiceSerializer(serializers.ModelSerializer):

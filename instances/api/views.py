@@ -78,7 +78,9 @@ class ServiceViewSet(
         service = self.get_object()
         data = json_object(request)
         if kwargs.get("partial"):
-            current = {f: getattr(service, f) for f in PARTIAL_BASE if getattr(service, f)}
+            current = {
+                f: getattr(service, f) for f in s.WRITABLE_SERVICE_FIELDS if getattr(service, f)
+            }
             data = {**current, **data}
         fields = self.validated(service.name, data)
         for key, value in fields.items():
@@ -99,29 +101,6 @@ class ServiceViewSet(
             return validate_service(name, data, settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise ValidationError(field_errors(e, name)) from None
-
-
-# Fields a PATCH starts from (the rest take their defaults unless given).
-PARTIAL_BASE = (
-    "command",
-    "args",
-    "socket",
-    "health",
-    "env",
-    "workdir",
-    "inherit_env",
-    "idle_timeout",
-    "startup_timeout",
-    "request_timeout",
-    "wake_timeout",
-    "stop_timeout",
-    "log_retention_lines",
-    "isolation",
-    "memory_limit_mb",
-    "cpu_shares",
-    "storage_quota_mb",
-    "storage_persist",
-)
 
 
 class InstanceViewSet(
