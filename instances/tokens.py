@@ -39,6 +39,8 @@ def mint(
     name = name.strip()
     if not name or len(name) > 100:
         raise TokenError("a token needs a name of 1 to 100 characters")
+    if "/" in name:
+        raise TokenError("a token name must not contain '/' (it is part of the API's URLs)")
     if scope not in RANKS:
         raise TokenError(f"invalid scope {scope!r}: use read, write or admin")
     if tenant:
@@ -46,6 +48,9 @@ def mint(
             check_label(tenant, "tenant")
         except ValueError as e:
             raise TokenError(str(e)) from None
+        if scope == ApiToken.Scope.ADMIN:
+            # Admin acts on services and tokens, which belong to no tenant.
+            raise TokenError("a tenant-restricted token cannot have admin scope")
     if ApiToken.objects.filter(name=name).exists():
         raise TokenError(f"a token named {name!r} already exists")
     if expires_days is not None and not 0 < expires_days <= 3650:

@@ -19,6 +19,12 @@ from proxy.upstream import ConnectFailed, UpstreamConnection, UpstreamError
 log = logging.getLogger("tenement.proxy")
 
 
+# A request the app may have acted on is sent again only if repeating it is harmless:
+# after an app exit only safe methods; on a stale pooled connection idempotent ones too.
+SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
+IDEMPOTENT = SAFE | {"PUT", "DELETE"}
+
+
 class ClientGone(Exception):
     """The client disconnected; drop the upstream exchange."""
 
@@ -83,11 +89,7 @@ class Exchange(Session):
 
     def replayable(self) -> bool:
         """Safe to send again: nothing reached the client and the request has no body."""
-        return (
-            not self.started
-            and not self.body_started
-            and self.scope["method"] in ("GET", "HEAD", "OPTIONS")
-        )
+        return not self.started and not self.body_started and self.scope["method"] in SAFE
 
     async def wake(self, suspect: str | None = None) -> str:
         began = time.monotonic()
@@ -104,7 +106,7 @@ class Exchange(Session):
             status, headers = await self.request(conn)
         except UpstreamError:
             conn.close()
-            if not reused or self.body_started:
+            if not reused or self.body_started or self.scope["method"] not in IDEMPOTENT:
                 raise
             # A pooled connection the app had closed meanwhile: once more on a fresh one.
             conn = await pool.connect()

@@ -126,7 +126,12 @@ class ProxyState:
 
     async def listen(self) -> None:
         while True:
-            message = await self.layer.receive(self.channel)
+            try:
+                message = await self.layer.receive(self.channel)
+            except Exception as e:  # e.g. Redis restarting: keep listening
+                log.warning("channel layer receive failed (%s); retrying in 1 s", e)
+                await asyncio.sleep(1.0)
+                continue
             try:
                 self.handle(message)
             except Exception:  # one bad message must not stop routing updates
@@ -202,7 +207,12 @@ class ProxyState:
             message = {"type": "wake", "key": str(key), "reply": self.channel}
             if suspect:
                 message["suspect"] = suspect
-            await self.layer.send(SUPERVISOR_CHANNEL, message)
+            try:
+                await self.layer.send(SUPERVISOR_CHANNEL, message)
+            except Exception as e:  # a full or unreachable layer: fail this wake cleanly
+                log.warning("cannot ask the supervisor to wake %s: %s", key, e)
+                self.wake_failed(key, "the supervisor cannot be reached", False)
+                raise WakeRejected(f"cannot reach the supervisor to wake {key}") from None
         if pending.held >= self.max_held:
             raise WakeRejected(f"too many requests waiting for {key} to wake")
         pending.held += 1

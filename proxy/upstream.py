@@ -127,6 +127,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._reset()
         self.head_only = head_only
         assert self.transport is not None
+        # The last response may have ended while reading was paused (a big body that
+        # arrived whole): a reused connection must read again.
+        self.transport.resume_reading()
         self.transport.write(head)
 
     async def write(self, data: bytes) -> None:

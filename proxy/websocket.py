@@ -103,7 +103,8 @@ class Tunnel(Session):
             return await self.dial(socket)
         except (FileNotFoundError, ConnectionRefusedError):
             self.state.forget_socket(self.key, socket)  # it has just exited: wake once
-            return await self.dial(await self.state.wake(self.key, self.target.wake_timeout))
+            woken = await self.state.wake(self.key, self.target.wake_timeout, suspect=socket)
+            return await self.dial(woken)
 
     async def dial(self, socket: str) -> ClientConnection:
         fwd = h.forwarded(self.scope, self.host, h.request_id(self.scope["headers"]))

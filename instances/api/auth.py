@@ -95,6 +95,8 @@ class ScopePermission(BasePermission):
         )
         token = token_of(request)
         if token is not None:
+            if needed == ApiToken.Scope.ADMIN and token.tenant:
+                return False  # defence in depth: mint() refuses such tokens anyway
             return tokens.allows(token, needed)
         user = request.user
         return bool(user and user.is_authenticated and user.is_staff)

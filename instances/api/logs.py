@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from asgiref.sync import sync_to_async
@@ -84,6 +84,10 @@ def time_param(request: Request, name: str) -> datetime | None:
         value = None
     if value is None:
         raise ValidationError({name: ["must be an ISO 8601 time, e.g. 2026-11-22T10:00:00Z"]})
+    try:
+        value.astimezone(UTC)  # the search works in UTC: year 1 at +01:00 cannot be
+    except (OverflowError, ValueError):
+        raise ValidationError({name: ["is out of range"]}) from None
     return value
 
 
@@ -172,7 +176,7 @@ class LogStreamView(APIView):
 def _resume_point(request: Request) -> int:
     # EventSource resends the last id it saw; otherwise start from now.
     last = request.headers.get("Last-Event-ID", "")
-    if last.isdigit():
+    if last.isascii() and last.isdigit() and len(last) <= 18:
         return int(last)
     return LogLine.objects.order_by("-id").values_list("id", flat=True).first() or 0
 

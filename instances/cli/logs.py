@@ -34,7 +34,9 @@ def logs(args: Namespace) -> int:
         return Exit.OK
     lines = page["results"]
     # Newest-first pages read best oldest-first, as tail shows them; ranked ones best first.
-    for line in reversed(lines) if args.order == "newest" else lines:
+    # Without --search the server always lists newest first.
+    newest_first = args.order == "newest" or not args.search
+    for line in reversed(lines) if newest_first else lines:
         print(format_line(line))
     return Exit.OK
 

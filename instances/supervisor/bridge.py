@@ -60,7 +60,12 @@ class Bridge:
 
     async def receive_loop(self) -> None:
         while True:
-            message = await self.layer.receive(SUPERVISOR_CHANNEL)
+            try:
+                message = await self.layer.receive(SUPERVISOR_CHANNEL)
+            except Exception as e:  # e.g. Redis restarting: keep listening
+                log.warning("channel layer receive failed (%s); retrying in 1 s", e)
+                await asyncio.sleep(1.0)
+                continue
             try:
                 self.handle(message)
             except (KeyError, TypeError, ValueError, InvalidName) as e:
