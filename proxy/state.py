@@ -28,14 +28,13 @@ from channels.layers import get_channel_layer
 from django.conf import settings
 
 from instances.ids import InstanceKey, parse_key
+from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
 from proxy.upstream import Pools
 from routing import table
 from routing.table import RoutingTable
 
 log = logging.getLogger("tenement.proxy")
 
-SUPERVISOR_CHANNEL = "tenement.supervisor"
-PROXY_GROUP = "tenement.proxy"
 ACTIVITY_INTERVAL = 0.25  # a request's activity reaches the supervisor within this
 OPEN_REPORT_INTERVAL = 2.0  # open-connection counts are re-sent this often (they expire)
 
@@ -125,13 +124,7 @@ class ProxyState:
     # ---- messages from the supervisor ---------------------------------------------------
 
     async def listen(self) -> None:
-        while True:
-            try:
-                message = await self.layer.receive(self.channel)
-            except Exception as e:  # e.g. Redis restarting: keep listening
-                log.warning("channel layer receive failed (%s); retrying in 1 s", e)
-                await asyncio.sleep(1.0)
-                continue
+        async for message in receive_forever(self.layer, self.channel):
             try:
                 self.handle(message)
             except Exception:  # one bad message must not stop routing updates

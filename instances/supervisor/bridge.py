@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from channels.layers import get_channel_layer
 
 from instances.ids import InvalidName, parse_key
+from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
 
 if TYPE_CHECKING:
     from instances.supervisor.core import Supervisor
@@ -24,8 +25,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("tenement.supervisor")
 
-SUPERVISOR_CHANNEL = "tenement.supervisor"
-PROXY_GROUP = "tenement.proxy"
 # A proxy re-sends its open-connection counts every 2 s; one silent this long has died,
 # and its counts must not keep instances awake forever.
 OPEN_REPORT_EXPIRY = 10.0
@@ -59,13 +58,7 @@ class Bridge:
             await asyncio.gather(sender, return_exceptions=True)
 
     async def receive_loop(self) -> None:
-        while True:
-            try:
-                message = await self.layer.receive(SUPERVISOR_CHANNEL)
-            except Exception as e:  # e.g. Redis restarting: keep listening
-                log.warning("channel layer receive failed (%s); retrying in 1 s", e)
-                await asyncio.sleep(1.0)
-                continue
+        async for message in receive_forever(self.layer, SUPERVISOR_CHANNEL):
             try:
                 self.handle(message)
             except (KeyError, TypeError, ValueError, InvalidName) as e:
