@@ -89,9 +89,3 @@ class HostRouter:
         else:
             # Before accept, a close makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})
-
-
-async def no_control_websockets(scope: dict[str, Any], receive: Any, send: Any) -> None:
-    """The control host has no WebSocket endpoints yet (the dashboard will add them)."""
-    await receive()
-    await send({"type": "websocket.close", "code": 1008})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
-#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL)
+#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool)
 #   scripts/system-deps.sh bench  what `make bench` needs (also nginx and wrk)
 set -euo pipefail
 
@@ -15,6 +15,10 @@ case "$mode" in
   test)
     # A real PostgreSQL for the scaled-mode tests (the suite starts a throwaway cluster).
     compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || missing+=(postgresql)
+    # The dashboard's browser tests drive Debian's Chromium through Playwright.
+    [[ -x /usr/bin/chromium ]] || missing+=(chromium)
+    # promtool checks the live /metrics and the alerting rules.
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

@@ -14,13 +14,21 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tenement_site.settings")
 # Django must be set up before anything imports models.
 django_asgi_app = get_asgi_application()
 
-from channels.routing import ProtocolTypeRouter  # noqa: E402
+from channels.auth import AuthMiddlewareStack  # noqa: E402
+from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
-from proxy.app import HostRouter, no_control_websockets  # noqa: E402
+from instances.dashboard.routing import websocket_urlpatterns  # noqa: E402
+from proxy.app import HostRouter  # noqa: E402
+
+# The dashboard's live updates: session login, and a same-origin check (CSWSH).
+control_websockets = AllowedHostsOriginValidator(
+    AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
+)
 
 application = ProtocolTypeRouter(
     {
         "http": HostRouter(django_asgi_app, "http"),
-        "websocket": HostRouter(no_control_websockets, "websocket"),
+        "websocket": HostRouter(control_websockets, "websocket"),
     }
 )

@@ -1,0 +1,25 @@
+from __future__ import annotations
+
+from django.contrib.auth import views as auth_views
+from django.urls import path
+
+from instances.dashboard import detail, logs, overview, releases, tokens
+
+app_name = "dashboard"
+
+urlpatterns = [
+    path("", overview.overview, name="overview"),
+    path("tenants/add/", overview.add_tenant, name="add-tenant"),
+    path("instances/<str:key>/", detail.detail, name="detail"),
+    path("instances/<str:key>/action/", overview.instance_action, name="instance-action"),
+    path("releases/", releases.releases, name="releases"),
+    path("logs/", logs.search, name="logs"),
+    path("tokens/", tokens.tokens, name="tokens"),
+    path("tokens/<str:name>/revoke/", tokens.revoke, name="token-revoke"),
+    path(
+        "accounts/login/",
+        auth_views.LoginView.as_view(redirect_authenticated_user=True),
+        name="login",
+    ),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+]
