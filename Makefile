@@ -6,7 +6,7 @@ VENV := .venv
 BIND ?= 127.0.0.1:8000
 TEN := bench/.ten-venv/bin/ten
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench screenshots clean
 
 run: $(VENV)/.installed
 	./scripts/system-deps.sh run
@@ -27,6 +27,13 @@ bench: $(VENV)/.installed-dev $(TEN)
 	$(VENV)/bin/python bench/supervisor_idle.py
 	$(VENV)/bin/python bench/proxy.py
 	$(VENV)/bin/python bench/log_search.py
+	$(VENV)/bin/python bench/dashboard.py
+	$(VENV)/bin/python bench/metrics_overhead.py
+
+# The dashboard's browser tests, saving full-page PNGs of the main pages for the README.
+screenshots: $(VENV)/.installed-dev
+	./scripts/system-deps.sh test
+	TENEMENT_SCREENSHOTS=docs/screenshots $(VENV)/bin/pytest tests/test_browser.py
 
 # Upstream tenement, the benchmarks' peer: its own venv, never a dependency of ours.
 $(TEN):

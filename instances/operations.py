@@ -63,6 +63,14 @@ def request_restart(key: str | InstanceKey) -> Instance:
     return _set_desired(instance, Instance.Desired.RUNNING)
 
 
+def deregister(key: str | InstanceKey) -> Instance:
+    """Forget a tenant; its data directory stays. The supervisor stops its process."""
+    instance = get_instance(key)
+    with transaction.atomic():
+        instance.delete()
+    return instance
+
+
 def _set_desired(instance: Instance, desired: str) -> Instance:
     instance.desired_state = desired
     instance.save(update_fields=["desired_state", "restart_requested", "updated_at"])

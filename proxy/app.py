@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from django.conf import settings
 
+from instances import metrics
 from proxy import state as proxy_state
 from proxy.http import Exchange
 from proxy.responses import plain
@@ -50,6 +52,7 @@ class HostRouter:
         self.control = control
         self.protocol = protocol
         self.domain = settings.TENEMENT_DOMAIN
+        self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
@@ -78,10 +81,14 @@ class HostRouter:
         # A request in flight is an open connection: a long poll or a download keeps the
         # instance awake until it ends.
         state.opened(route.key)
+        began = time.perf_counter()
+        exchange = Exchange(state, target, scope, receive, send, host)
         try:
-            await Exchange(state, target, scope, receive, send, host).run()
+            await exchange.run()
         finally:
             state.closed(route.key)
+            if self.observe is not None:
+                self.observe(route.key, exchange.status, time.perf_counter() - began)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

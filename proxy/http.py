@@ -15,6 +15,7 @@ from proxy.responses import plain
 from proxy.session import Session
 from proxy.state import WakeRejected
 from proxy.upstream import ConnectFailed, UpstreamConnection, UpstreamError
+from tenement_site import logging as logctx
 
 log = logging.getLogger("tenement.proxy")
 
@@ -40,11 +41,14 @@ class Exchange(Session):
         super().__init__(*args)
         self.rid = h.request_id(self.scope["headers"])
         self.woke_ms: int | None = None
+        self.status = 0  # the status sent to the client, for metrics; 0 = none yet
         self.started = False
         self.body_started = False
         self.max_body = settings.TENEMENT_MAX_BODY_MB * 1024 * 1024
 
     async def run(self) -> None:
+        # Lines logged while handling this request (a 502, a 504) carry its id and key.
+        context = logctx.bind(self.rid, self.key)
         try:
             await self.forward()
         except WakeRejected as e:
@@ -57,13 +61,23 @@ class Exchange(Session):
             await self.fail(502, str(e))
         except ClientGone:
             pass
+        finally:
+            logctx.unbind(context)
 
     async def fail(self, status: int, detail: str, retry_after: int | None = None) -> None:
         if self.started:
             # Headers are out: all we can do is cut the response short.
-            log.warning("%s: %s after the response began; closing", self.key, detail)
+            log.warning(
+                "%s: %s after the response began; closing",
+                self.key,
+                detail,
+                extra={"event": "proxy_cut", "status": status},
+            )
             return
-        log.info("%s %s: %s", self.key, status, detail)
+        log.info(
+            "%s %s: %s", self.key, status, detail, extra={"event": "proxy_error", "status": status}
+        )
+        self.status = status
         await plain(self.send, status, detail, retry_after=retry_after, extra=self.own_headers())
 
     def own_headers(self) -> list[tuple[bytes, bytes]]:
@@ -203,6 +217,7 @@ class Exchange(Session):
             out.append((b"x-request-id", self.rid))
         if self.woke_ms is not None:
             out.append((b"x-tenement-wake", str(self.woke_ms).encode()))
+        self.status = status
         await self.send({"type": "http.response.start", "status": status, "headers": out})
         self.started = True
         if conn.complete:  # the common case: the whole (small) body is already here

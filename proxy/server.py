@@ -126,6 +126,9 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
             lifespan="off",
             access_log=False,
             log_level="warning",
+            # Keep Django's LOGGING (tenement_site/logging.py): uvicorn's own dictConfig
+            # would print its warnings in another format, breaking TENEMENT_LOG_FORMAT=json.
+            log_config=None,
             server_header=False,
             http=CoalescingHttpToolsProtocol,
             # We are the edge: X-Forwarded-For from a client is data, not its address.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import logging
 import time
 import weakref
@@ -27,6 +28,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
+from instances import metrics
 from instances.ids import InstanceKey, parse_key
 from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
 from proxy.upstream import Pools
@@ -52,6 +54,8 @@ class PendingWake:
     future: asyncio.Future[str]
     deadline: float
     held: int = 0
+    began: float = 0.0
+    counted: bool = False  # its outcome is in tenement_wakes_total (once per wake)
 
 
 class ProxyState:
@@ -68,6 +72,8 @@ class ProxyState:
         self.touched: set[InstanceKey] = set()
         self.open: collections.Counter[InstanceKey] = collections.Counter()
         self.open_dirty = False
+        self.websockets: collections.Counter[InstanceKey] = collections.Counter()
+        self.open_gauge = metrics.open_connections()  # None with TENEMENT_METRICS off
         self.closers: dict[InstanceKey, set[Callable[[int], None]]] = {}
         self.max_held = settings.TENEMENT_MAX_HELD_REQUESTS
         self._tasks: list[asyncio.Task[None]] = []
@@ -191,11 +197,14 @@ class ProxyState:
         `suspect` is a socket that just refused us: the supervisor checks it is really
         gone before answering, rather than hand it back."""
         if key in self.failed:
+            metrics.wake_finished(key, "rejected")
             raise WakeRejected(f"{key} is failed (crash loop); start it manually", 30)
         pending = self.wakes.get(key)
         now = time.monotonic()
         if pending is None or pending.future.done() or now > pending.deadline:
             pending = PendingWake(asyncio.get_running_loop().create_future(), now + timeout)
+            pending.began = now
+            pending.future.add_done_callback(functools.partial(self.wake_settled, key, pending))
             self.wakes[key] = pending
             message = {"type": "wake", "key": str(key), "reply": self.channel}
             if suspect:
@@ -207,15 +216,30 @@ class ProxyState:
                 self.wake_failed(key, "the supervisor cannot be reached", False)
                 raise WakeRejected(f"cannot reach the supervisor to wake {key}") from None
         if pending.held >= self.max_held:
+            metrics.wake_finished(key, "rejected")
             raise WakeRejected(f"too many requests waiting for {key} to wake")
         pending.held += 1
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(pending.future)
         except TimeoutError:
+            if not pending.counted:
+                pending.counted = True
+                metrics.wake_finished(key, "timeout")
             raise WakeRejected(f"{key} did not become ready within {timeout:g}s") from None
         finally:
             pending.held -= 1
+
+    @staticmethod
+    def wake_settled(key: InstanceKey, pending: PendingWake, future: asyncio.Future[str]) -> None:
+        """Count a wake once, when the supervisor answers (unless it already timed out)."""
+        if pending.counted or future.cancelled():
+            return
+        pending.counted = True
+        if future.exception() is None:
+            metrics.wake_finished(key, "ok", time.monotonic() - pending.began)
+        else:
+            metrics.wake_finished(key, "failed")
 
     def forget_socket(self, key: InstanceKey, socket: str) -> None:
         """The app refused a connection: it has exited, whatever we were told."""
@@ -225,15 +249,21 @@ class ProxyState:
 
     # ---- activity -----------------------------------------------------------------------
 
-    def opened(self, key: InstanceKey) -> None:
+    def opened(self, key: InstanceKey, websocket: bool = False) -> None:
         self.open[key] += 1
+        if websocket:
+            self.websockets[key] += 1
         self.touched.add(key)
         self.open_dirty = True
 
-    def closed(self, key: InstanceKey) -> None:
+    def closed(self, key: InstanceKey, websocket: bool = False) -> None:
         self.open[key] -= 1
         if self.open[key] <= 0:
             del self.open[key]
+        if websocket:
+            self.websockets[key] -= 1
+            if self.websockets[key] <= 0:
+                del self.websockets[key]
         self.touched.add(key)
         self.open_dirty = True
 
@@ -244,6 +274,9 @@ class ProxyState:
             await asyncio.sleep(ACTIVITY_INTERVAL)  # a fixed batching period, not a poll
             now = time.monotonic()
             stale = self.open and now - last_open_report > OPEN_REPORT_INTERVAL
+            if self.open_dirty and self.open_gauge is not None:
+                # The gauge follows the same batches: no metrics work per request.
+                self.open_gauge.publish(self.open.items(), self.websockets)
             if not (self.touched or self.open_dirty or stale):
                 continue
             message = {
@@ -286,6 +319,11 @@ async def current() -> ProxyState:
     elif state.started:
         return state
     return await state.ready()
+
+
+def existing() -> ProxyState | None:
+    """This event loop's proxy state if a tenant request has started it (for /status)."""
+    return _states.get(asyncio.get_running_loop())
 
 
 async def close_current() -> None:

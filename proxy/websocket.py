@@ -57,12 +57,12 @@ class Tunnel(Session):
         if (await self.receive())["type"] != "websocket.connect":
             return
         unregister = self.state.on_close(self.key, self.supervisor_closed)
-        self.state.opened(self.key)
+        self.state.opened(self.key, websocket=True)
         try:
             if await self.open():
                 await self.pump()
         finally:
-            self.state.closed(self.key)
+            self.state.closed(self.key, websocket=True)
             unregister()
             if self.upstream is not None:
                 await self.upstream.close()

@@ -6,10 +6,12 @@ See the README's "Configuration" section for every variable.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import dj_database_url
 
+from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
     data_dir_from_env,
     ensure_data_dir,
@@ -42,6 +44,14 @@ TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
 # The API: this many failed token checks from one address in a minute, then 429.
 TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
+# Prometheus metrics at /metrics (README "Metrics"): off removes them from the hot path;
+# per-instance adds an `instance` label (cost at 1,000 tenants in the README); require-token
+# asks loopback clients for a read token too (e.g. behind a reverse proxy on loopback).
+TENEMENT_METRICS = env_bool("TENEMENT_METRICS", True)
+TENEMENT_METRICS_PER_INSTANCE = env_bool("TENEMENT_METRICS_PER_INSTANCE", False)
+TENEMENT_METRICS_REQUIRE_TOKEN = env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", False)
+# /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
+TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 
 SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
@@ -67,6 +77,7 @@ INSTALLED_APPS = [
     "instances",
     "routing",
     "proxy",
+    "django_prometheus",
 ]
 
 MIDDLEWARE = [
@@ -79,6 +90,13 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
 ]
+if TENEMENT_METRICS:
+    # django-prometheus's request metrics: its "before" first, its "after" last.
+    MIDDLEWARE = [
+        "django_prometheus.middleware.PrometheusBeforeMiddleware",
+        *MIDDLEWARE,
+        "django_prometheus.middleware.PrometheusAfterMiddleware",
+    ]
 
 ROOT_URLCONF = "tenement_site.urls"
 LOGIN_URL = "dashboard:login"
@@ -118,6 +136,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "transaction_mode": "IMMEDIATE",
         "timeout": 20,
     }
+if "postgresql" in DATABASES["default"]["ENGINE"]:
+    # libpq waits forever for a server that does not answer: fail within seconds instead,
+    # so /health reports it and the supervisor's database retries stay short.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
@@ -167,18 +189,17 @@ STATIC_ROOT = TENEMENT_DATA_DIR / "staticfiles"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
 # Serve straight from the source folders so the embedded default needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
+# whitenoise hands Django a file iterator; under ASGI Django then warns on every static
+# file that it reads it in a thread. The files are small and cached by browsers, so the
+# warning is only log noise for operators.
+warnings.filterwarnings(
+    "ignore", message="StreamingHttpResponse must consume synchronous iterators"
+)
 
 LOG_LEVEL = (os.environ.get("TENEMENT_LOG_LEVEL") or "INFO").upper()
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": "WARNING"},
-    "loggers": {
-        "tenement": {"handlers": ["console"], "level": LOG_LEVEL, "propagate": False},
-        "django": {"handlers": ["console"], "level": "WARNING", "propagate": False},
-    },
-}
+# One line per event, plain (logfmt-style) or JSON; per-logger levels in TENEMENT_LOG_LEVELS.
+LOGGING = tenement_logging.config(
+    os.environ.get("TENEMENT_LOG_FORMAT") or "plain",
+    LOG_LEVEL,
+    os.environ.get("TENEMENT_LOG_LEVELS", ""),
+)

@@ -76,9 +76,13 @@ async def test_unknown_tenant_is_404_and_starts_nothing(sup: Supervisor, short_t
 
 
 async def test_control_host_goes_to_django(sup: Supervisor) -> None:
+    # The dashboard needs a login: "/" redirects to Django's login page.
     response = await get(b"localhost")
-    assert response["status"] == 200
-    assert b"tenement" in response["body"].lower()
+    assert response["status"] == 302
+    assert dict(response["headers"])[b"Location"] == b"/accounts/login/?next=/"
+    login = await get(b"localhost", "/accounts/login/?next=/")
+    assert login["status"] == 200
+    assert b"tenement" in login["body"].lower()
 
 
 async def test_a_request_wakes_a_stopped_instance_through_the_channel_layer(

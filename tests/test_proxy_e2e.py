@@ -151,8 +151,12 @@ def test_subdomains_route_to_their_own_tenant(proxy: Proxy) -> None:
     assert alice["pid"] != bob["pid"]
     # Case, port and one trailing dot do not matter.
     assert proxy.json(f"ALICE.Web.LocalHost.:{proxy.port}", "/whoami") == alice
-    response, body = proxy.request("localhost", "/")
-    assert response.status == 200 and b"tenement" in body.lower()  # the control host: Django
+    # The control host is Django: the dashboard sends a visitor to its login page.
+    response, _ = proxy.request("localhost", "/")
+    assert response.status == 302
+    assert response.getheader("Location") == "/accounts/login/?next=/"
+    response, body = proxy.request("localhost", "/accounts/login/?next=/")
+    assert response.status == 200 and b"tenement" in body.lower()
 
 
 def test_unknown_tenants_get_404_and_nothing_is_started(proxy: Proxy) -> None:

@@ -204,8 +204,10 @@ class InstanceViewSet(
             if instance.state not in ("stopped", "failed") and ops.supervisor_alive():
                 raise Conflict(f"{instance.key} did not stop within {wait:g}s; not purged")
         data_dir = ServiceSpec.from_model(instance.service).instance_dir(instance.instance_id)
-        with transaction.atomic():
-            instance.delete()  # the supervisor stops a running process within a second
+        try:
+            ops.deregister(instance.key)  # the supervisor stops a running process within a second
+        except ops.OperationError as e:  # deregistered by someone else just now
+            raise NotFound(str(e)) from None
         if purge:
             shutil.rmtree(data_dir, ignore_errors=True)
         return Response(status=status.HTTP_204_NO_CONTENT)

@@ -1,11 +1,153 @@
+"""Instance detail: state, health, data dir, lifecycle events, the last log lines.
+
+The live tail is static/dashboard/detail.js on the API's SSE stream (/api/logs/stream),
+so this view only renders what is stored at load time.
+"""
+
 from __future__ import annotations
 
-from django.http import HttpRequest, HttpResponse
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from instances.dashboard.access import nav_context, staff_page
+from instances.ids import InvalidName, parse_key
+from instances.models import Instance
+from instances.spec import ServiceSpec
+
+TAIL_LINES = 200
+EVENTS = 50
+# A data dir can hold millions of files: the page must not wait on walking them all.
+SIZE_MAX_ENTRIES = 10_000
+SIZE_MAX_SECONDS = 0.2
+# (action, button label, confirmation question or "" for none): the overview's handler.
+ACTIONS = (
+    ("start", "Start", ""),
+    ("restart", "Restart", ""),
+    ("stop", "Stop", "Stop this instance? Requests will wake it again."),
+    ("deregister", "Deregister", "Deregister this instance? Its process is stopped."),
+)
+
+
+@dataclass(frozen=True)
+class DirSize:
+    bytes: int
+    entries: int
+    complete: bool  # False: the walk stopped at a cap, so `bytes` is a lower bound
+    exists: bool
 
 
 @staff_page
 def detail(request: HttpRequest, key: str) -> HttpResponse:
-    return render(request, "dashboard/detail.html", nav_context(request, "overview"))
+    instance = instance_or_404(key)
+    spec = ServiceSpec.from_model(instance.service)
+    data_dir = spec.instance_dir(instance.instance_id)
+    lines = last_lines(instance)
+    context = nav_context(
+        request,
+        "overview",
+        instance=instance,
+        key=str(instance.key),
+        uptime=human_seconds(instance.uptime_seconds()),
+        idle=human_seconds(instance.idle_seconds()),
+        socket_path=instance.socket_path or spec.socket_path(instance.instance_id),
+        data_dir=data_dir,
+        data_size=dir_size(data_dir),
+        tenant_url=tenant_url(request, instance),
+        events=list(instance.events.order_by("-id")[:EVENTS]),
+        lines=lines,
+        last_id=lines[-1].id if lines else 0,
+        actions=ACTIONS,
+    )
+    return render(request, "dashboard/detail.html", context)
+
+
+def instance_or_404(key: str) -> Instance:
+    try:
+        parsed = parse_key(key)
+    except InvalidName as e:
+        raise Http404(str(e)) from None
+    instance = (
+        Instance.objects.select_related("service")
+        .filter(service__name=parsed.service, instance_id=parsed.instance_id)
+        .first()
+    )
+    if instance is None:
+        raise Http404(f"{parsed} is not registered")
+    return instance
+
+
+def last_lines(instance: Instance) -> list[Any]:
+    """The newest TAIL_LINES lines, oldest first (as a terminal shows them)."""
+    newest = instance.log_lines.order_by("-id")[:TAIL_LINES]
+    return list(reversed(newest))
+
+
+def tenant_url(request: HttpRequest, instance: Instance) -> str:
+    """The tenant's address as the operator reaches this dashboard: same port if any."""
+    _, sep, port = request.get_host().rpartition(":")
+    suffix = f":{port}" if sep and port.isdigit() else ""
+    host = f"{instance.instance_id}.{instance.service.name}.{settings.TENEMENT_DOMAIN}"
+    return f"http://{host}{suffix}/"
+
+
+def human_seconds(seconds: float | None) -> str:
+    """'2d 3h', '4m 10s', '12s'; an em dash when not running."""
+    if seconds is None:
+        return "—"
+    left = int(seconds)
+    parts = []
+    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)):
+        if left >= size or (unit == "s" and not parts):
+            parts.append(f"{left // size}{unit}")
+            left %= size
+    return " ".join(parts[:2])
+
+
+def dir_size(root: Path, max_entries: int = SIZE_MAX_ENTRIES) -> DirSize:
+    """Apparent size of everything under root, without following symlinks, capped."""
+    if not os.path.isdir(root):
+        return DirSize(0, 0, True, False)
+    deadline = time.monotonic() + SIZE_MAX_SECONDS
+    total = entries = 0
+    pending = [str(root)]
+    while pending:
+        for entry in _scan(pending.pop()):
+            # Checked per entry: one directory alone may hold a million files.
+            if entries >= max_entries or time.monotonic() > deadline:
+                return DirSize(total, entries, False, True)
+            entries += 1
+            if _is_dir(entry):
+                pending.append(entry.path)
+            else:  # a directory's own size is file-system bookkeeping, not data
+                total += _size(entry)
+    return DirSize(total, entries, True, True)
+
+
+def _scan(path: str) -> Iterator[os.DirEntry[str]]:
+    try:
+        with os.scandir(path) as it:
+            yield from it
+    except OSError:  # vanished or unreadable: count what we could read
+        return
+
+
+def _size(entry: os.DirEntry[str]) -> int:
+    try:
+        return entry.stat(follow_symlinks=False).st_size
+    except OSError:
+        return 0
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False

@@ -2,4 +2,10 @@
 
 from __future__ import annotations
 
-websocket_urlpatterns: list = []
+from django.urls import path
+
+from instances.dashboard.consumers import OverviewConsumer
+
+websocket_urlpatterns = [
+    path("ws/overview/", OverviewConsumer.as_asgi(), name="ws-overview"),
+]

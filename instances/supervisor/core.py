@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,6 +20,7 @@ from typing import Any
 from django.db import DatabaseError
 from django.utils import timezone
 
+from instances import metrics
 from instances.ids import InstanceKey
 from instances.models import Instance, SupervisorSettings
 from instances.spec import ServiceSpec
@@ -30,6 +32,11 @@ from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
 from instances.supervisor.signals import stop_on_signals
 
 log = logging.getLogger("tenement.supervisor")
+
+# The supervisor running on each event loop of this process: /health asks it directly.
+_running: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Supervisor] = (
+    weakref.WeakKeyDictionary()
+)
 
 SYNC_INTERVAL = 1.0  # other processes' changes take effect within this
 # updated_at is stamped before the writer commits; look back this far so a slow commit is
@@ -44,6 +51,11 @@ SHUTDOWN_SLACK = 5.0
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
 SUSPECT_PROBE_TIMEOUT = 1.0
 EXIT_NOTICE_TIMEOUT = 2.0
+
+
+def running_here() -> Supervisor | None:
+    """The supervisor serving on the current event loop, if this process runs one."""
+    return _running.get(asyncio.get_running_loop())
 
 
 class InstanceUnavailable(Exception):
@@ -72,6 +84,10 @@ class Supervisor:
         self._next_beat = 0.0
         self._health_gate = asyncio.Semaphore(MAX_CONCURRENT_HEALTH_CHECKS)
         self._helpers: set[asyncio.Task[Any]] = set()
+        self._sync_lock = asyncio.Lock()  # the loop's sync and a wake's early one
+        # For /health: the named tasks of serve(), and when the reconcile loop last ran.
+        self.tasks: list[asyncio.Task[Any]] = []
+        self.last_tick = clock()
         self.bridge = Bridge(self, clock)
 
     # ---- top level -------------------------------------------------------------------
@@ -87,10 +103,15 @@ class Supervisor:
                 await self.shutdown()
 
     async def startup(self) -> None:
+        _running[asyncio.get_running_loop()] = self
         await self.recover()
         await self.load()
         await store.beat(self.started_at)
-        log.info("supervisor started: %d instances registered", len(self.runtimes))
+        log.info(
+            "supervisor started: %d instances registered",
+            len(self.runtimes),
+            extra={"event": "supervisor_started", "instances": len(self.runtimes)},
+        )
 
     async def serve(self) -> int:
         """Run the named background tasks; if one dies, stop everything (exit code 1)."""
@@ -102,7 +123,9 @@ class Supervisor:
         }
         for name, make in self.extra_tasks.items():
             factories[name] = lambda make=make: make(self)
-        tasks = [asyncio.create_task(make(), name=name) for name, make in factories.items()]
+        self.tasks = tasks = [
+            asyncio.create_task(make(), name=name) for name, make in factories.items()
+        ]
         stopper = asyncio.create_task(self.stop_event.wait(), name="tenement-stop-wait")
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
@@ -114,14 +137,19 @@ class Supervisor:
             return 0  # loops return on their own once stop is set
         for task in done:
             exc = task.exception() if not task.cancelled() else None
-            log.error("task %s stopped unexpectedly: %r", task.get_name(), exc)
+            log.error(
+                "task %s stopped unexpectedly: %r",
+                task.get_name(),
+                exc,
+                extra={"event": "task_died", "task": task.get_name()},
+            )
         return 1
 
     async def shutdown(self) -> None:
         """Stop every instance, bounded by the longest stop_timeout plus slack."""
         live = [rt for rt in self.runtimes.values() if rt.proc is not None or rt.busy]
         if live:
-            log.info("stopping %d instances", len(live))
+            log.info("stopping %d instances", len(live), extra={"event": "shutdown"})
         deadline = max((rt.run_spec.stop_timeout for rt in live), default=0) + SHUTDOWN_SLACK
         for rt in live:
             self.request_stop(rt, "shutdown")
@@ -135,7 +163,8 @@ class Supervisor:
         await self.logs.flush()
         await self.flush_activity(force=True)
         await store.clear_heartbeat()
-        log.info("supervisor stopped")
+        _running.pop(asyncio.get_running_loop(), None)
+        log.info("supervisor stopped", extra={"event": "supervisor_stopped"})
 
     # ---- loops ---------------------------------------------------------------------
 
@@ -144,6 +173,7 @@ class Supervisor:
             # Clear before the tick, so a poke that arrives during it is not lost.
             self.wakeup.clear()
             await survive_database_errors("reconcile", self.tick())
+            self.last_tick = self.clock()
             await self.wait_for_wakeup(self.seconds_until_next_deadline())
 
     async def health_loop(self) -> None:
@@ -200,7 +230,8 @@ class Supervisor:
         did = False
         if now >= self._next_sync:
             self._next_sync = now + SYNC_INTERVAL
-            did |= await self.sync_desired()
+            async with self._sync_lock:
+                did |= await self.sync_desired()
         did |= self.reconcile()
         did |= self.bridge.prune()
         did |= await self.reap_idle()
@@ -315,7 +346,11 @@ class Supervisor:
 
     def forget(self, rt: Runtime) -> None:
         """Drop a deregistered instance, stopping its process if it has one."""
-        log.info("%s was deregistered; stopping it", rt.key)
+        log.info(
+            "%s was deregistered; stopping it",
+            rt.key,
+            extra={"event": "deregistered", "instance": rt.key},
+        )
         self.request_stop(rt, "removed")
         self.by_pk.pop(rt.pk, None)
         if self.runtimes.get(rt.key) is rt:
@@ -341,6 +376,7 @@ class Supervisor:
                 self.request_stop(rt, "manual")
             elif action == "restart":
                 rt.restart_pending = False
+                metrics.restarted(rt.key, "manual")
                 self.request_stop(rt, "restart")
             elif action == "settle":
                 self.spawn_helper(self.set_state(rt, State.STOPPED, "stopped", "desired stopped"))
@@ -383,7 +419,11 @@ class Supervisor:
             await self.run_process(rt)
         except Exception as e:
             # A bug here must not become a tight restart loop: treat it as a failed start.
-            log.exception("%s: internal error in its lifecycle", rt.key)
+            log.exception(
+                "%s: internal error in its lifecycle",
+                rt.key,
+                extra={"event": "internal_error", "instance": rt.key},
+            )
             if rt.proc is not None:
                 await process.terminate(rt.proc, rt.run_spec.stop_timeout)
             await self.handle_failure(rt, f"internal error: {e!r}")
@@ -445,7 +485,8 @@ class Supervisor:
         self.logs.retention[rt.pk] = rt.run_spec.log_retention_lines
         for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             if pipe is not None:
-                self.spawn_helper(self.logs.capture(rt.pk, name, pipe))
+                counted = metrics.log_line_counter(rt.key, name)
+                self.spawn_helper(self.logs.capture(rt.pk, name, pipe, counted))
 
     async def await_ready(self, rt: Runtime, proc: asyncio.subprocess.Process) -> bool:
         """Probe until the first healthy answer, the process exits, a stop, or the deadline."""
@@ -516,7 +557,12 @@ class Supervisor:
         rt.failure = reason
         delay = rt.policy.next_delay(self.clock())
         if delay is None:
-            log.error("%s failed: %s; restarted too often, giving up", rt.key, reason)
+            log.error(
+                "%s failed: %s; restarted too often, giving up",
+                rt.key,
+                reason,
+                extra={"event": "failed", "instance": rt.key, "reason": reason},
+            )
             self.bridge.down(rt, failed=True)
             await self.set_state(
                 rt,
@@ -529,7 +575,20 @@ class Supervisor:
             )
             return
         rt.backoff_until = self.clock() + delay
-        log.warning("%s: %s; restarting in %.2fs", rt.key, reason, delay)
+        # health_failed words its failures "unhealthy: ..."; every other one is a crash.
+        metrics.restarted(rt.key, "health" if reason.startswith("unhealthy:") else "crash")
+        log.warning(
+            "%s: %s; restarting in %.2fs",
+            rt.key,
+            reason,
+            delay,
+            extra={
+                "event": "backoff",
+                "instance": rt.key,
+                "reason": reason,
+                "delay_s": round(delay, 3),
+            },
+        )
         await self.set_state(
             rt,
             State.BACKOFF,
@@ -610,7 +669,16 @@ class Supervisor:
     async def health_failed(self, rt: Runtime, detail: str) -> None:
         rt.health_failures += 1
         rt.health_ok = False
+        metrics.health_check_failed(rt.key)
         n = rt.health_failures
+        log.warning(
+            "%s: health check failed (%d/%d): %s",
+            rt.key,
+            n,
+            HEALTH_FAILURES_BEFORE_RESTART,
+            detail,
+            extra={"event": "health_failed", "instance": rt.key, "failures": n},
+        )
         await store.update(rt.pk, health_ok=False, health_checked_at=timezone.now())
         await store.record_event(
             rt.pk,
@@ -634,9 +702,16 @@ class Supervisor:
                 continue
             # Decide and start stopping with no await in between, so a request cannot slip
             # in unnoticed; one that arrives later simply wakes it again.
-            log.info("%s idle for %.0fs; stopping", rt.key, rt.idle_for(now))
+            idle = rt.idle_for(now)
+            log.info(
+                "%s idle for %.0fs; stopping",
+                rt.key,
+                idle,
+                extra={"event": "idle_stop", "instance": rt.key, "idle_s": round(idle, 3)},
+            )
             rt.desired = Desired.STOPPED
             self.request_stop(rt, "idle")
+            metrics.idle_stopped(rt.key)
             # If an operator changed the row meanwhile, this loses and the sync applies theirs.
             await store.update_if_unchanged(rt.pk, rt.seen_version, desired_state=Desired.STOPPED)
             reaped = True
@@ -690,9 +765,7 @@ class Supervisor:
 
     async def wake(self, key: InstanceKey, timeout: float | None = None) -> Runtime:
         """Make sure `key` is running and ready; raise InstanceUnavailable if it cannot be."""
-        rt = self.runtimes.get(key)
-        if rt is None:
-            raise InstanceUnavailable(f"{key} is not registered")
+        rt = self.runtimes.get(key) or await self.sync_and_get(key)
         if rt.state == State.FAILED:
             raise InstanceUnavailable(f"{key} is failed (crash loop); start it manually")
         rt.last_activity = self.clock()
@@ -715,6 +788,15 @@ class Supervisor:
                     await changed.wait()
         except TimeoutError:
             raise InstanceUnavailable(f"{key} not ready within {limit:g}s") from None
+        return rt
+
+    async def sync_and_get(self, key: InstanceKey) -> Runtime:
+        """A key the proxy routes but we have not loaded: registered a moment ago by another
+        process (the dashboard, the API). Look now rather than refuse its first request."""
+        async with self._sync_lock:
+            await self.sync_desired()
+        if (rt := self.runtimes.get(key)) is None:
+            raise InstanceUnavailable(f"{key} is not registered")
         return rt
 
     async def confirm_unreachable(self, key: InstanceKey, socket: str) -> None:
@@ -759,7 +841,15 @@ class Supervisor:
         """The in-memory half of a transition; returns the old state."""
         old, rt.state = rt.state, new
         rt.notify()
-        log.info("%s %s -> %s: %s", rt.key, old, new, message)
+        pid = rt.proc.pid if rt.proc is not None else None
+        log.info(
+            "%s %s -> %s: %s",
+            rt.key,
+            old,
+            new,
+            message,
+            extra={"event": "state", "instance": rt.key, "from": old, "to": new, "pid": pid},
+        )
         return old
 
     async def recover(self) -> int:
@@ -776,7 +866,12 @@ class Supervisor:
         state = Instance.State.FAILED if row.state == Instance.State.FAILED else State.STOPPED
         killed = 0
         if row.pid and process.is_our_orphan(row.pid, row.pid_create_time):
-            log.warning("%s: killing pid %s left by a previous supervisor", row, row.pid)
+            log.warning(
+                "%s: killing pid %s left by a previous supervisor",
+                row,
+                row.pid,
+                extra={"event": "orphan_killed", "instance": row.key, "pid": row.pid},
+            )
             await process.kill_orphan(row.pid, row.service.stop_timeout)
             await store.record_event(row.pk, "recovered", f"killed leftover pid {row.pid}")
             killed = 1
@@ -789,7 +884,12 @@ async def survive_database_errors(what: str, work: Awaitable[Any]) -> None:
     try:
         await work
     except DatabaseError as e:
-        log.warning("%s: database error, retrying on the next pass: %s", what, e)
+        log.warning(
+            "%s: database error, retrying on the next pass: %s",
+            what,
+            e,
+            extra={"event": "database_error", "during": what},
+        )
 
 
 def _plus_one() -> Any:

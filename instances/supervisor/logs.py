@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -41,8 +42,15 @@ class LogCollector:
         self.retention: dict[int, int] = {}
         self.dropped: dict[int, int] = {}
 
-    async def capture(self, instance_pk: int, stream: str, reader: asyncio.StreamReader) -> None:
-        """Read one pipe until EOF (the app exited or closed it), one row per line."""
+    async def capture(
+        self,
+        instance_pk: int,
+        stream: str,
+        reader: asyncio.StreamReader,
+        counted: Callable[[], None] = lambda: None,
+    ) -> None:
+        """Read one pipe until EOF (the app exited or closed it), one row per line;
+        `counted` is called once per line (tenement_log_lines_total)."""
         line, cut = bytearray(), 0
         while piece := await _read_piece(reader):
             room = MAX_LINE_BYTES - len(line)
@@ -51,9 +59,11 @@ class LogCollector:
             if piece.endswith(b"\n"):
                 cut -= 1 if len(piece) > room else 0  # the newline is not content
                 self.add(instance_pk, stream, _text(line, cut))
+                counted()
                 line, cut = bytearray(), 0
         if line:
             self.add(instance_pk, stream, _text(line, cut))
+            counted()
 
     def add(self, instance_pk: int, stream: str, text: str) -> None:
         if len(self.buffer) >= MAX_BUFFERED:

@@ -131,7 +131,12 @@ async def terminate(proc: asyncio.subprocess.Process, grace: float) -> int:
             async with asyncio.timeout(grace):
                 await proc.wait()
         except TimeoutError:
-            log.warning("pid %s ignored SIGTERM for %gs; sending SIGKILL", pgid, grace)
+            log.warning(
+                "pid %s ignored SIGTERM for %gs; sending SIGKILL",
+                pgid,
+                grace,
+                extra={"event": "sigkill", "pid": pgid},
+            )
     # Also reaps helpers the app forked into its group and left behind.
     signal_group(pgid, signal.SIGKILL)
     return await proc.wait()

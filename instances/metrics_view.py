@@ -1,0 +1,66 @@
+"""GET /metrics on the control host: open to loopback, a read token from anywhere else."""
+
+from __future__ import annotations
+
+import ipaddress
+
+from django.conf import settings
+from django.db import DatabaseError
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.http import require_GET
+from prometheus_client import CONTENT_TYPE_LATEST
+from rest_framework.exceptions import Throttled
+
+from instances import metrics, tokens
+from instances.api.auth import FAILURE_WINDOW, record_failure, refuse_if_throttled
+from instances.models import ApiToken
+
+
+def plain(status: int, text: str, **headers: str) -> HttpResponse:
+    response = HttpResponse(f"{text}\n", status=status, content_type="text/plain; charset=utf-8")
+    for name, value in headers.items():
+        response[name] = value
+    return response
+
+
+def is_loopback(address: str) -> bool:
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:
+        return False
+
+
+def refusal(request: HttpRequest) -> HttpResponse | None:
+    """None if the caller may read the metrics, else the answer to give it."""
+    address = request.META.get("REMOTE_ADDR") or "unknown"
+    if is_loopback(address) and not settings.TENEMENT_METRICS_REQUIRE_TOKEN:
+        return None
+    challenge = {"WWW-Authenticate": 'Bearer realm="tenement"'}
+    scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return plain(401, "a bearer token with read scope is required", **challenge)
+    try:
+        refuse_if_throttled(address)  # the API's limit on failed attempts, shared with it
+    except Throttled:
+        return plain(429, "too many failed attempts", **{"Retry-After": str(FAILURE_WINDOW)})
+    token = tokens.verify(secret.strip())
+    if token is None:
+        record_failure(address)
+        return plain(401, "invalid, expired or revoked token", **challenge)
+    if token.tenant or not tokens.allows(token, ApiToken.Scope.READ):
+        # Metrics describe every tenant: a tenant-restricted token may not read them.
+        return plain(403, "this token may not read metrics of every tenant")
+    return None
+
+
+@require_GET
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    if not settings.TENEMENT_METRICS:
+        return plain(404, "metrics are off (TENEMENT_METRICS=0)")
+    if (refused := refusal(request)) is not None:
+        return refused
+    try:
+        body = metrics.exposition()
+    except DatabaseError as e:  # the state gauges come from the database
+        return plain(503, f"metrics unavailable: the database cannot be read ({e})")
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)

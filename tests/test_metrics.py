@@ -1,0 +1,479 @@
+"""/metrics end to end: real runsupervisor processes, real apps, real wakes and crashes.
+
+Every figure is read over HTTP and parsed with prometheus_client's own parser; tests assert
+exact deltas between two scrapes.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import contextlib
+import http.client
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import REPO, TESTAPP
+from tests.harness import Deployment, free_port
+
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
+
+APP = f"{sys.executable} {TESTAPP}"
+CONFIG = f"""
+[settings]
+health_check_interval = 1
+backoff_base_ms = 100
+backoff_max_ms = 400
+
+[service.web]
+command = "{APP}"
+health = "/health"
+idle_timeout = 2
+wake_timeout = 10
+env = {{ TESTAPP_LINES = "3" }}
+
+[service.steady]
+command = "{APP}"
+health = "/health"
+env = {{ TESTAPP_HEALTH = "file" }}
+
+[instances]
+web = ["alice"]
+steady = ["a", "b", "c"]
+"""
+
+UVICORN = [sys.executable, "-m", "uvicorn", "tenement_site.asgi:application", "--lifespan", "off"]
+UVICORN += ["--host", "127.0.0.1", "--log-level", "warning"]
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Metered(Deployment):
+    """A deployment serving HTTP on a free loopback port, with /metrics helpers."""
+
+    def __init__(self, root: Path, env: dict[str, str] | None = None, bind: str = "") -> None:
+        super().__init__(root, CONFIG)
+        self.port = free_port()
+        self.env.update(env or {})
+        self.proc = self.start(
+            "--config",
+            str(self.config),
+            "--bind",
+            f"{bind or '127.0.0.1'}:{self.port}",
+            http=True,
+        )
+
+    def request(
+        self, host: str, path: str = "/", headers: dict[str, str] | None = None, port: int = 0
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=30)
+        try:
+            conn.request("GET", path, headers={"Host": host, **(headers or {})})
+            response = conn.getresponse()
+            return response, response.read()
+        finally:
+            conn.close()
+
+    def scrape_text(self, port: int = 0, headers: dict[str, str] | None = None) -> str:
+        response, body = self.request(f"127.0.0.1:{port or self.port}", "/metrics", headers, port)
+        assert response.status == 200, (response.status, body)
+        return body.decode()
+
+    def scrape(self, port: int = 0) -> Samples:
+        return parse(self.scrape_text(port))
+
+    def db(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            return db.execute(query, params).fetchall()
+
+
+def parse(text: str) -> Samples:
+    out: Samples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of `name`'s samples whose labels include `labels` (0 when there are none)."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
+
+
+def wait_until(what: str, check: Callable[[], bool], timeout: float = 30) -> None:
+    """Poll another process (no event crosses the process boundary), with a deadline."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def metered(short_tmp: Path) -> Iterator[Metered]:
+    d = Metered(short_tmp)
+    try:
+        d.wait_states({"web:alice": "running", "steady:a": "running"})
+        yield d
+    finally:
+        d.cleanup()
+
+
+# ---- requests, wakes, idle stops, log lines, state -----------------------------------------
+
+
+def test_requests_wakes_and_idle_stops_are_counted_exactly(metered: Metered) -> None:
+    before = metered.scrape()
+    for _ in range(7):
+        response, _ = metered.request("alice.web.localhost", "/health")
+        assert response.status == 200
+        assert response.getheader("X-Tenement-Wake") is None  # it was running
+    response, _ = metered.request("alice.web.localhost", "/nope")
+    assert response.status == 404
+    after = metered.scrape()
+    assert delta(before, after, "tenement_proxy_requests_total", service="web", code="2xx") == 7
+    assert delta(before, after, "tenement_proxy_requests_total", service="web", code="4xx") == 1
+    count = "tenement_proxy_request_duration_seconds_count"
+    assert delta(before, after, count, service="web") == 8
+    assert delta(before, after, "tenement_wakes_total") == 0
+
+    # Idle for 2 s: stopped, and counted once.
+    metered.wait_states({"web:alice": "stopped"}, timeout=20)
+    stopped = metered.scrape()
+    assert delta(after, stopped, "tenement_idle_stops_total", service="web") == 1
+
+    # A cold wake: one wake, one histogram observation, and the header on that response only.
+    response, _ = metered.request("alice.web.localhost", "/health")
+    assert response.status == 200
+    assert int(response.getheader("X-Tenement-Wake")) >= 0
+    response, _ = metered.request("alice.web.localhost", "/health")
+    assert response.getheader("X-Tenement-Wake") is None
+    woken = metered.scrape()
+    assert delta(stopped, woken, "tenement_wakes_total", service="web", outcome="ok") == 1
+    assert delta(stopped, woken, "tenement_wakes_total") == 1
+    assert delta(stopped, woken, "tenement_wake_duration_seconds_count", service="web") == 1
+    assert delta(stopped, woken, "tenement_hibernation_wakes_total", process="web") == 1
+
+    # A burst of 40 concurrent requests to a sleeping tenant: exactly one wake.
+    metered.wait_states({"web:alice": "stopped"}, timeout=20)
+    quiet = metered.scrape()
+    with concurrent.futures.ThreadPoolExecutor(40) as pool:
+        statuses = list(
+            pool.map(
+                lambda _: metered.request("alice.web.localhost", "/health")[0].status, range(40)
+            )
+        )
+    assert statuses == [200] * 40
+    burst = metered.scrape()
+    assert delta(quiet, burst, "tenement_wakes_total", service="web", outcome="ok") == 1
+    assert delta(quiet, burst, "tenement_wake_duration_seconds_count", service="web") == 1
+    assert delta(quiet, burst, "tenement_proxy_requests_total", code="2xx") == 40
+    assert_aliases_equal(burst)
+
+
+def assert_aliases_equal(m: Samples) -> None:
+    for service in ("web", "steady"):
+        assert value(m, "tenement_requests_total", process=service) == value(
+            m, "tenement_proxy_requests_total", service=service
+        )
+        assert value(m, "tenement_instance_restarts_total", process=service) == value(
+            m, "tenement_restarts_total", service=service
+        )
+        woke = value(m, "tenement_wakes_total", service=service)
+        rejected = value(m, "tenement_wakes_total", service=service, outcome="rejected")
+        assert value(m, "tenement_hibernation_wakes_total", process=service) == woke - rejected
+    running = value(m, "tenement_instances", state="running")
+    assert value(m, "tenement_instances_up") == running
+    assert value(m, "tenement_instances_running") == running
+
+
+def test_log_lines_and_instance_states_match_the_database(metered: Metered) -> None:
+    response, _ = metered.request("a.steady.localhost", "/stderr")
+    assert response.status == 200
+
+    def logs_match() -> bool:
+        m = metered.scrape()
+        stored = dict(
+            metered.db(
+                "SELECT l.stream, count(*) FROM instances_logline l JOIN instances_instance i "
+                "ON l.instance_id = i.id JOIN instances_service s ON i.service_id = s.id "
+                "WHERE s.name = 'steady' GROUP BY l.stream"
+            )
+        )
+        counted = {
+            stream: value(m, "tenement_log_lines_total", service="steady", stream=stream)
+            for stream in ("stdout", "stderr")
+        }
+        return counted == {"stdout": stored.get("stdout", 0), "stderr": stored.get("stderr", 0)}
+
+    # Lines are stored in batches (every 250 ms) and the apps keep logging health checks.
+    wait_until("log line counts equal to the stored lines", logs_match)
+    m = metered.scrape()
+    assert value(m, "tenement_log_lines_total", service="steady", stream="stderr") >= 1
+
+    def states_match() -> bool:
+        m = metered.scrape()
+        counts = collections.Counter(
+            (key.split(":")[0], row["state"]) for key, row in metered.rows().items()
+        )
+        shown = {
+            (dict(ls)["service"], dict(ls)["state"]): v
+            for (n, ls), v in m.items()
+            if n == "tenement_instances" and v
+        }
+        return shown == dict(counts)
+
+    wait_until("tenement_instances equal to the database", states_match)
+    m = metered.scrape()
+    assert value(m, "tenement_instances_registered", service="steady") == 3
+    assert value(m, "tenement_instances_registered", service="web") == 1
+    assert value(m, "tenement_instance_uptime_seconds", service="steady") > 0
+    assert_aliases_equal(m)
+
+
+# ---- restarts by reason ------------------------------------------------------------------
+
+
+def test_restart_reasons_crash_health_and_manual(metered: Metered) -> None:
+    rows = metered.wait_states({f"steady:{i}": "running" for i in "abc"})
+    before = metered.scrape()
+
+    # Crash: SIGKILL the app.
+    os.kill(rows["steady:a"]["pid"], signal.SIGKILL)
+    wait_until(
+        "a crash restart",
+        lambda: delta(before, metered.scrape(), "tenement_restarts_total", reason="crash") == 1,
+    )
+    metered.wait_states({"steady:a": "running"})
+
+    # Health: the app answers 500 on /health while this file exists.
+    unhealthy = metered.data / "steady" / "b" / "unhealthy"
+    unhealthy.touch()
+    try:
+        wait_until(
+            "a health restart",
+            lambda: (
+                delta(before, metered.scrape(), "tenement_restarts_total", reason="health") == 1
+            ),
+        )
+    finally:
+        unhealthy.unlink()
+    metered.wait_states({"steady:b": "running"})
+    m = metered.scrape()
+    assert delta(before, m, "tenement_health_check_failures_total", service="steady") >= 3
+
+    # Manual: `manage.py restart`.
+    result = metered.manage("restart", "steady:c")
+    assert result.returncode == 0, result.stderr
+    after = metered.scrape()
+    assert delta(before, after, "tenement_restarts_total", service="steady", reason="crash") == 1
+    assert delta(before, after, "tenement_restarts_total", service="steady", reason="health") == 1
+    assert delta(before, after, "tenement_restarts_total", service="steady", reason="manual") == 1
+    assert_aliases_equal(after)
+
+
+# ---- access, format, per-instance labels -------------------------------------------------------
+
+
+def own_address() -> str | None:
+    """This machine's non-loopback address, if it has one (no packet is sent)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        try:
+            s.connect(("10.255.255.255", 1))
+            address = s.getsockname()[0]
+        except OSError:
+            return None
+    return None if address.startswith("127.") else address
+
+
+def status_of(host: str, port: int, headers: dict[str, str]) -> tuple[int, bytes]:
+    conn = http.client.HTTPConnection(host, port, timeout=30)
+    try:
+        conn.request("GET", "/metrics", headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_access_rules_and_promtool(short_tmp: Path) -> None:
+    d = Metered(short_tmp, bind="0.0.0.0", env={"TENEMENT_METRICS_PER_INSTANCE": "1"})
+    try:
+        d.wait_states({"web:alice": "running"})
+        read = create_token(d, "reader", "read")
+        assert d.request("alice.web.localhost", "/health")[0].status == 200
+
+        # Loopback: open.
+        text = d.scrape_text()
+        m = parse(text)
+        labels = {"service": "web", "instance": "alice", "code": "2xx"}
+        assert value(m, "tenement_proxy_requests_total", **labels) == 1
+        assert value(m, "tenement_requests_total", process="web", instance="alice") == 1
+        assert value(m, "tenement_instance_uptime_seconds", service="web", instance="alice") > 0
+        assert value(m, "django_http_requests_total_by_method_total") >= 1  # django-prometheus
+        check_with_promtool(text)
+
+        # From a non-loopback address: a read token is needed.
+        if (address := own_address()) is not None:
+            host = {"Host": f"127.0.0.1:{d.port}"}  # an address Django serves
+            assert status_of(address, d.port, host)[0] == 401
+            authorized = {**host, "Authorization": f"Bearer {read}"}
+            assert status_of(address, d.port, authorized)[0] == 200
+    finally:
+        d.cleanup()
+
+
+def test_require_token_setting_applies_to_loopback_too(short_tmp: Path) -> None:
+    d = Metered(short_tmp, env={"TENEMENT_METRICS_REQUIRE_TOKEN": "1"})
+    try:
+        d.wait_states({"web:alice": "running"})
+        read = create_token(d, "reader", "read")
+        tenant_token = create_token(d, "alice-only", "read", "--tenant", "alice")
+        host = {"Host": f"127.0.0.1:{d.port}"}
+        status, body = status_of("127.0.0.1", d.port, host)
+        assert (status, body) == (401, b"a bearer token with read scope is required\n")
+        wrong = {**host, "Authorization": "Bearer ten_000000000000_" + "x" * 43}
+        status, body = status_of("127.0.0.1", d.port, wrong)
+        assert (status, body) == (401, b"invalid, expired or revoked token\n")
+        assert status_of("127.0.0.1", d.port, {**host, "Authorization": "Basic eDp5"})[0] == 401
+        restricted = {**host, "Authorization": f"Bearer {tenant_token}"}
+        assert status_of("127.0.0.1", d.port, restricted)[0] == 403
+        status, body = status_of("127.0.0.1", d.port, {**host, "Authorization": f"Bearer {read}"})
+        assert status == 200
+        assert b"tenement_instances_registered" in body
+    finally:
+        d.cleanup()
+
+
+def create_token(d: Deployment, name: str, scope: str, *extra: str) -> str:
+    result = d.manage("createtoken", "--name", name, "--scope", scope, *extra)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip().splitlines()[-1]
+
+
+def check_with_promtool(text: str) -> None:
+    """`promtool check metrics` exits 1 on a parse error and 3 on any lint finding (a
+    counter without _total, a missing HELP, a unit in the wrong place...): we allow none,
+    since Prometheus conventions are part of the contract."""
+    result = subprocess.run(
+        ["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# ---- several processes ---------------------------------------------------------------------
+
+
+def test_multiprocess_sums_counters_and_live_gauges_without_double_counting(
+    short_tmp: Path,
+) -> None:
+    multiproc = short_tmp / "prom"
+    multiproc.mkdir()
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(multiproc)}
+    d = Metered(short_tmp, env=env)
+    worker_port = free_port()
+    try:
+        d.wait_states({"steady:a": "running", "steady:b": "running", "web:alice": "running"})
+        # A second proxy process on the same data dir (scaled mode's extra worker). It
+        # reaches running instances through the routing snapshot.
+        worker = subprocess.Popen(
+            [*UVICORN, "--port", str(worker_port)],
+            cwd=REPO,
+            env={**d.env, "TENEMENT_DATA_DIR": str(d.data)},
+            start_new_session=True,
+        )
+        d.others.append(worker)
+        wait_until("the worker to serve", lambda: answers(worker_port), timeout=60)
+        before = d.scrape()
+        for port, n in ((d.port, 5), (worker_port, 3)):
+            for _ in range(n):
+                response, _ = d.request("a.steady.localhost", "/health", port=port)
+                assert response.status == 200
+        for port in (d.port, worker_port):  # every process's /metrics shows the same sums
+            m = d.scrape(port)
+            assert delta(before, m, "tenement_proxy_requests_total", code="2xx") == 8
+            assert delta(before, m, "tenement_proxy_request_duration_seconds_count") == 8
+            running = len([r for r in d.rows().values() if r["state"] == "running"])
+            assert value(m, "tenement_instances", state="running") == running  # not doubled
+            assert value(m, "tenement_instances_registered") == 4
+
+        # Open connections: one request held open in each process -> the live sum is 2.
+        with held("a.steady.localhost", d.port), held("a.steady.localhost", worker_port):
+            wait_until("2 open connections", lambda: open_http(d.scrape()) == 2)
+        wait_until("0 open connections", lambda: open_http(d.scrape()) == 0)
+
+        # The worker exits: its counts stay summed, its live gauges go.
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(30)
+        m = d.scrape()
+        # 8, plus the two held requests (answered 200, ended when the client left).
+        assert delta(before, m, "tenement_proxy_requests_total", code="2xx") == 10
+        assert not list(multiproc.glob(f"gauge_livesum_{worker.pid}.db"))
+    finally:
+        d.cleanup()
+
+
+def answers(port: int) -> bool:
+    with contextlib.suppress(OSError):
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    return False
+
+
+def open_http(m: Samples) -> float:
+    return value(m, "tenement_open_connections", service="steady", kind="http")
+
+
+@contextlib.contextmanager
+def held(host: str, port: int) -> Iterator[None]:
+    """A request whose response never ends (the test app's /hold) while inside."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/hold", headers={"Host": host})
+        response = conn.getresponse()
+        assert response.status == 200
+        yield
+    finally:
+        conn.close()
+
+
+# ---- the view's refusals, in process (no supervisor needed) -------------------------------
+
+
+def test_metrics_off_answers_404(client: Any, settings: Any) -> None:
+    settings.TENEMENT_METRICS = False
+    response = client.get("/metrics")
+    assert response.status_code == 404
+    assert response.content == b"metrics are off (TENEMENT_METRICS=0)\n"
+
+
+@pytest.mark.django_db
+def test_a_remote_client_needs_a_read_token_without_a_tenant(client: Any) -> None:
+    from instances import tokens
+
+    remote = {"REMOTE_ADDR": "203.0.113.9"}
+    response = client.get("/metrics", **remote)
+    assert response.status_code == 401
+    assert response["WWW-Authenticate"] == 'Bearer realm="tenement"'
+    assert b"Traceback" not in response.content
+    tenant = tokens.mint("alice-reader", "read", tenant="alice").secret
+    response = client.get("/metrics", HTTP_AUTHORIZATION=f"Bearer {tenant}", **remote)
+    assert response.status_code == 403
+    for _ in range(12):  # past TENEMENT_AUTH_FAILURE_LIMIT (10): the API's limit applies
+        response = client.get("/metrics", HTTP_AUTHORIZATION="Bearer ten_nope", **remote)
+    assert response.status_code == 429
+    assert response["Retry-After"] == "60"
