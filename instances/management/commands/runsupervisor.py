@@ -5,6 +5,7 @@ import os
 from typing import Any
 
 from django.conf import settings
+from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from instances.config import ConfigError, load_config
@@ -72,11 +73,19 @@ class Command(BaseCommand):
             self.stdout.write(
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
+            self.hint_login()
         supervisor = Supervisor(extra_tasks=extra)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             code = runner.run(supervisor.run())
         if code:
             raise SystemExit(code)
+
+    def hint_login(self) -> None:
+        """A first run has no account that can open the dashboard: say how to make one."""
+        if not get_user_model().objects.filter(is_staff=True, is_active=True).exists():
+            self.stdout.write(
+                "No staff account yet: run `manage.py createsuperuser` to log in to the dashboard."
+            )
 
     def load(self, path: str) -> None:
         try:
