@@ -157,11 +157,14 @@ def request_recorder() -> Callable[[InstanceKey, int, float], None] | None:
     return RequestRecorder(metrics).observe if metrics is not None else None
 
 
-def wake_finished(key: InstanceKey, outcome: str, seconds: float | None = None) -> None:
-    """One wake's outcome (ok, timeout, failed, rejected); `seconds` for successful ones."""
+def wake_finished(
+    key: InstanceKey, outcome: str, seconds: float | None = None, count: int = 1
+) -> None:
+    """One wake's outcome (ok, timeout, failed, rejected); `seconds` for successful ones;
+    `count` for rejections of several held requests at once."""
     if (metrics := current()) is None:
         return
-    metrics.wakes.labels(*metrics.labels_of(key), outcome).inc()
+    metrics.wakes.labels(*metrics.labels_of(key), outcome).inc(count)
     if seconds is not None:
         metrics.wake_seconds.labels(key.service).observe(seconds)
 

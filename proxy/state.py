@@ -10,7 +10,8 @@ Messages (channel layer; the in-memory layer in one process, Redis when scaled):
   to "tenement.supervisor":  wake {key, reply}, activity {proxy, touched, open}
   to group "tenement.proxy": instance.ready {key, socket}, instance.down {key, code,
                              failed}, routes.changed
-  to one proxy's channel:    wake.ready {key, socket}, wake.unavailable {key, reason, failed}
+  to one proxy's channel:    wake.ready {key, socket}, wake.unavailable {key, reason, failed,
+                             refused}
 """
 
 from __future__ import annotations
@@ -44,9 +45,12 @@ OPEN_REPORT_INTERVAL = 2.0  # open-connection counts are re-sent this often (the
 class WakeRejected(Exception):
     """The request cannot be held for a wake; the answer is 503 with Retry-After."""
 
-    def __init__(self, reason: str, retry_after: int = 5) -> None:
+    def __init__(self, reason: str, retry_after: int = 5, refused: bool = False) -> None:
         super().__init__(reason)
         self.retry_after = retry_after
+        # The supervisor knew the instance was failed and did not try: for the metrics,
+        # a rejection, not a failed wake.
+        self.refused = refused
 
 
 @dataclass
@@ -147,7 +151,8 @@ class ProxyState:
         elif kind == "instance.down":
             self.mark_down(key, int(message.get("code", 1001)), bool(message.get("failed")))
         elif kind == "wake.unavailable":
-            self.wake_failed(key, message.get("reason", "unavailable"), message.get("failed"))
+            reason = message.get("reason", "unavailable")
+            self.wake_failed(key, reason, message.get("failed"), bool(message.get("refused")))
 
     def mark_ready(self, key: InstanceKey, socket: str) -> None:
         old = self.running.get(key)
@@ -169,12 +174,15 @@ class ProxyState:
         for close in list(self.closers.get(key, ())):
             close(code)
 
-    def wake_failed(self, key: InstanceKey, reason: str, failed: bool | None) -> None:
+    def wake_failed(
+        self, key: InstanceKey, reason: str, failed: bool | None, refused: bool = False
+    ) -> None:
         if failed:
             self.failed.add(key)
         pending = self.wakes.pop(key, None)
         if pending and not pending.future.done():
-            pending.future.set_exception(WakeRejected(reason, retry_after=30 if failed else 5))
+            retry_after = 30 if failed else 5
+            pending.future.set_exception(WakeRejected(reason, retry_after, refused))
             pending.future.exception()  # retrieved: nobody may be waiting any more
 
     async def reload_routes(self) -> None:
@@ -236,8 +244,13 @@ class ProxyState:
         if pending.counted or future.cancelled():
             return
         pending.counted = True
-        if future.exception() is None:
+        error = future.exception()
+        if error is None:
             metrics.wake_finished(key, "ok", time.monotonic() - pending.began)
+        elif isinstance(error, WakeRejected) and error.refused:
+            # A proxy that started after the instance failed learns it only now: each
+            # request it held was refused, as those refused up front are.
+            metrics.wake_finished(key, "rejected", count=max(1, pending.held))
         else:
             metrics.wake_finished(key, "failed")
 

@@ -10,6 +10,7 @@ import collections
 import concurrent.futures
 import contextlib
 import http.client
+import json
 import os
 import signal
 import socket
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import REPO, TESTAPP
 from tests.harness import Deployment, free_port
@@ -61,8 +63,10 @@ Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 class Metered(Deployment):
     """A deployment serving HTTP on a free loopback port, with /metrics helpers."""
 
-    def __init__(self, root: Path, env: dict[str, str] | None = None, bind: str = "") -> None:
-        super().__init__(root, CONFIG)
+    def __init__(
+        self, root: Path, env: dict[str, str] | None = None, bind: str = "", config: str = CONFIG
+    ) -> None:
+        super().__init__(root, config)
         self.port = free_port()
         self.env.update(env or {})
         self.proc = self.start(
@@ -81,6 +85,29 @@ class Metered(Deployment):
             conn.request("GET", path, headers={"Host": host, **(headers or {})})
             response = conn.getresponse()
             return response, response.read()
+        finally:
+            conn.close()
+
+    def restart_supervisor(self) -> None:
+        """Stop runsupervisor (SIGTERM, as systemd does) and start it again on the same port."""
+        self.proc.terminate()
+        self.proc.wait(30)
+        self.proc = self.start(
+            "--config", str(self.config), "--bind", f"127.0.0.1:{self.port}", http=True
+        )
+        wait_until("the new supervisor to serve", lambda: answers(self.port), timeout=60)
+
+    def post_json(self, path: str, payload: Any, token: str) -> tuple[int, bytes]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
+        headers = {
+            "Host": f"127.0.0.1:{self.port}",
+            "Authorization": f"Bearer {token}",
+            "Content-Type": "application/json",
+        }
+        try:
+            conn.request("POST", path, body=json.dumps(payload), headers=headers)
+            response = conn.getresponse()
+            return response.status, response.read()
         finally:
             conn.close()
 
@@ -185,8 +212,8 @@ def test_requests_wakes_and_idle_stops_are_counted_exactly(metered: Metered) -> 
     assert_aliases_equal(burst)
 
 
-def assert_aliases_equal(m: Samples) -> None:
-    for service in ("web", "steady"):
+def assert_aliases_equal(m: Samples, services: tuple[str, ...] = ("web", "steady")) -> None:
+    for service in services:
         assert value(m, "tenement_requests_total", process=service) == value(
             m, "tenement_proxy_requests_total", service=service
         )
@@ -284,6 +311,165 @@ def test_restart_reasons_crash_health_and_manual(metered: Metered) -> None:
     assert delta(before, after, "tenement_restarts_total", service="steady", reason="health") == 1
     assert delta(before, after, "tenement_restarts_total", service="steady", reason="manual") == 1
     assert_aliases_equal(after)
+
+
+# ---- wakes that time out, fail or are rejected; open WebSockets ------------------------------
+
+WS_APP = f"{sys.executable} -m uvicorn --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
+# slow listens 4 s after it starts, past its 1 s wake_timeout; crashy exits at once, and
+# with max_restarts = 1 its second failed start makes it `failed`.
+WAKES_CONFIG = f"""
+[settings]
+health_check_interval = 1
+backoff_base_ms = 100
+backoff_max_ms = 400
+max_restarts = 1
+
+[service.slow]
+command = "{APP}"
+health = "/health"
+wake_timeout = 1
+startup_timeout = 30
+env = {{ TESTAPP_START_DELAY = "4" }}
+
+[service.crashy]
+command = "{APP}"
+health = "/health"
+wake_timeout = 20
+env = {{ TESTAPP_EXIT_AFTER = "0", TESTAPP_EXIT_CODE = "1" }}
+
+[service.ws]
+command = "{WS_APP} --log-level warning"
+health = "/health"
+
+[instances]
+ws = ["w"]
+"""
+WAKE_FIGURES = ("ok", "timeout", "failed", "rejected")
+
+
+@pytest.fixture
+def wakes(short_tmp: Path) -> Iterator[Metered]:
+    d = Metered(short_tmp, config=WAKES_CONFIG)
+    try:
+        d.wait_states({"ws:w": "running"})
+        yield d
+    finally:
+        d.cleanup()
+
+
+def register_stopped(d: Metered, key: str) -> None:
+    """Register a tenant without starting it, over the REST API, so a request must wake it.
+    Done before the first tenant request: the proxy loads its routing table then."""
+    token = create_token(d, f"writer-{key.replace(':', '-')}", "write")
+    service, instance_id = key.split(":")
+    payload = {"service": service, "instance_id": instance_id, "start": False}
+    status, body = d.post_json("/api/instances/", payload, token)
+    assert status == 201, body
+    assert d.rows()[key]["state"] == "stopped"
+
+
+def outcomes(before: Samples, after: Samples, service: str) -> dict[str, float]:
+    return {
+        outcome: delta(before, after, "tenement_wakes_total", service=service, outcome=outcome)
+        for outcome in WAKE_FIGURES
+    }
+
+
+def test_a_wake_past_wake_timeout_counts_one_timeout_and_no_duration(wakes: Metered) -> None:
+    register_stopped(wakes, "slow:s")
+    before = wakes.scrape()
+    response, body = wakes.request("s.slow.localhost", "/health")
+    assert response.status == 503, body
+    assert response.getheader("Retry-After") == "5"
+    assert b"did not become ready within 1s" in body and b"Traceback" not in body
+    timed_out = wakes.scrape()
+    assert outcomes(before, timed_out, "slow") == {
+        "ok": 0,
+        "timeout": 1,
+        "failed": 0,
+        "rejected": 0,
+    }
+    assert delta(before, timed_out, "tenement_wake_duration_seconds_count", service="slow") == 0
+    assert (
+        delta(before, timed_out, "tenement_proxy_requests_total", service="slow", code="5xx") == 1
+    )
+
+    # The app does come up later (and the supervisor's own wake wait ends before that): the
+    # wake that timed out is not counted a second time as ok or failed, nor observed.
+    wakes.wait_states({"slow:s": "running"})
+    later = wakes.scrape()
+    assert outcomes(before, later, "slow") == {"ok": 0, "timeout": 1, "failed": 0, "rejected": 0}
+    assert delta(before, later, "tenement_wake_duration_seconds_count") == 0
+    assert delta(before, later, "tenement_hibernation_wakes_total", process="slow") == 1
+
+
+def test_a_failed_wake_then_requests_rejected_while_failed(wakes: Metered) -> None:
+    register_stopped(wakes, "crashy:c")
+    before = wakes.scrape()
+    response, body = wakes.request("c.crashy.localhost", "/health")
+    assert response.status == 503, body
+    assert response.getheader("Retry-After") == "30"
+    assert b"Traceback" not in body
+    failed = wakes.scrape()
+    assert outcomes(before, failed, "crashy") == {"ok": 0, "timeout": 0, "failed": 1, "rejected": 0}
+    assert delta(before, failed, "tenement_wake_duration_seconds_count") == 0
+    assert delta(before, failed, "tenement_hibernation_wakes_total", process="crashy") == 1
+    assert delta(before, failed, "tenement_restarts_total", service="crashy", reason="crash") == 1
+    wakes.wait_states({"crashy:c": "failed"})
+
+    # Failed: each request is refused at once, without a wake, and counted as rejected.
+    for _ in range(3):
+        started = time.monotonic()
+        response, body = wakes.request("c.crashy.localhost", "/health")
+        assert response.status == 503 and b"crash loop" in body, body
+        assert response.getheader("Retry-After") == "30"
+        assert time.monotonic() - started < 5  # not held for the 20 s wake_timeout
+    rejected = wakes.scrape()
+    assert outcomes(failed, rejected, "crashy") == {
+        "ok": 0,
+        "timeout": 0,
+        "failed": 0,
+        "rejected": 3,
+    }
+    assert delta(failed, rejected, "tenement_hibernation_wakes_total") == 0
+    assert delta(failed, rejected, "tenement_proxy_requests_total", service="crashy") == 3
+    assert wakes.rows()["crashy:c"]["state"] == "failed"  # no start was attempted
+    assert_aliases_equal(rejected, ("crashy",))
+
+    # A new supervisor (and proxy) does not know yet that it is failed: it asks for a wake,
+    # the supervisor refuses without trying, and that is still a rejection.
+    wakes.restart_supervisor()
+    for _ in range(2):
+        response, body = wakes.request("c.crashy.localhost", "/health")
+        assert response.status == 503 and b"crash loop" in body, body
+    after_restart = wakes.scrape()  # a new process: its counters start at zero
+    assert outcomes({}, after_restart, "crashy") == {
+        "ok": 0,
+        "timeout": 0,
+        "failed": 0,
+        "rejected": 2,
+    }
+    assert wakes.rows()["crashy:c"]["state"] == "failed"
+
+
+def test_open_websockets_are_a_live_gauge(wakes: Metered) -> None:
+    def websockets_open() -> float:
+        return value(wakes.scrape(), "tenement_open_connections", service="ws", kind="websocket")
+
+    sock = socket.create_connection(("127.0.0.1", wakes.port), timeout=10)
+    with ws_connect("ws://w.ws.localhost/ws", sock=sock, open_timeout=15) as ws:
+        ws.send("hello")
+        assert ws.recv(timeout=5) == "hello"
+        # Published every 250 ms, in the proxy's activity batches.
+        wait_until("1 open WebSocket", lambda: websockets_open() == 1)
+        m = wakes.scrape()
+        assert value(m, "tenement_open_connections", service="ws", kind="http") == 0
+        ws.send("still open")
+        assert ws.recv(timeout=5) == "still open"
+    wait_until("0 open WebSockets", lambda: websockets_open() == 0)
+    m = wakes.scrape()
+    assert value(m, "tenement_open_connections", service="ws") == 0
 
 
 # ---- access, format, per-instance labels -------------------------------------------------------

@@ -18,6 +18,7 @@ from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
 from instances.dashboard.access import nav_context, staff_page
+from instances.dashboard.display import human_seconds
 from instances.ids import InvalidName, parse_key
 from instances.models import Instance
 from instances.spec import ServiceSpec
@@ -96,19 +97,6 @@ def tenant_url(request: HttpRequest, instance: Instance) -> str:
     suffix = f":{port}" if sep and port.isdigit() else ""
     host = f"{instance.instance_id}.{instance.service.name}.{settings.TENEMENT_DOMAIN}"
     return f"http://{host}{suffix}/"
-
-
-def human_seconds(seconds: float | None) -> str:
-    """'2d 3h', '4m 10s', '12s'; an em dash when not running."""
-    if seconds is None:
-        return "—"
-    left = int(seconds)
-    parts = []
-    for unit, size in (("d", 86_400), ("h", 3600), ("m", 60), ("s", 1)):
-        if left >= size or (unit == "s" and not parts):
-            parts.append(f"{left // size}{unit}")
-            left %= size
-    return " ".join(parts[:2])
 
 
 def dir_size(root: Path, max_entries: int = SIZE_MAX_ENTRIES) -> DirSize:

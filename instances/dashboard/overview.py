@@ -35,6 +35,7 @@ from django.views.decorators.http import require_POST
 from instances import operations as ops
 from instances.api.serializers import live_process
 from instances.dashboard.access import nav_context, staff_page
+from instances.dashboard.display import human_seconds
 from instances.dashboard.forms import AddTenantForm
 from instances.ids import InvalidName, parse_key
 from instances.models import Instance, Service
@@ -99,8 +100,8 @@ class Row:
             service=instance.service.name,
             state=instance.state,
             desired=instance.desired_state,
-            uptime=human_duration(instance.uptime_seconds(now)),
-            idle=human_duration(instance.idle_seconds(now)),
+            uptime=human_seconds(instance.uptime_seconds(now)),
+            idle=human_seconds(instance.idle_seconds(now)),
             restarts=instance.restart_count,
             rss=proc.memory_info().rss if proc else None,
             cpu=f"{proc.cpu_percent(interval=None):.1f}%" if proc else "—",
@@ -111,19 +112,6 @@ class Row:
     def wants_other(self) -> bool:
         """Settled one way, asked for the other: the supervisor has not acted yet."""
         return self.state in ("running", "stopped") and self.state != self.desired
-
-
-def human_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "—"
-    m, s = divmod(int(seconds), 60)
-    h, m = divmod(m, 60)
-    d, h = divmod(h, 24)
-    if d:
-        return f"{d}d {h}h"
-    if h:
-        return f"{h}h {m}m"
-    return f"{m}m {s}s" if m else f"{s}s"
 
 
 def counts() -> dict[str, int]:

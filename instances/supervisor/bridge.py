@@ -103,6 +103,8 @@ class Bridge:
         from instances.supervisor.core import InstanceUnavailable
         from instances.supervisor.runtime import State
 
+        before = self.sup.runtimes.get(key)
+        refused = before is not None and before.state == State.FAILED  # wake() will not try
         try:
             if suspect:
                 await self.sup.confirm_unreachable(key, suspect)
@@ -110,10 +112,8 @@ class Bridge:
         except InstanceUnavailable as e:
             current = self.sup.runtimes.get(key)
             failed = current is not None and current.state == State.FAILED
-            self.post(
-                reply,
-                {"type": "wake.unavailable", "key": str(key), "reason": str(e), "failed": failed},
-            )
+            message = {"type": "wake.unavailable", "key": str(key), "reason": str(e)}
+            self.post(reply, {**message, "failed": failed, "refused": refused})
             return
         self.post(reply, {"type": "wake.ready", "key": str(key), "socket": socket_of(rt)})
 
