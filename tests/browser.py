@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import http.client
 import os
 import shutil
 import sqlite3
@@ -23,7 +22,7 @@ import psutil
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
 from tests.conftest import REPO
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request
 
 HELLO = REPO / "tests" / "apps" / "hello.py"
 USER, PASSWORD, EMAIL = "admin", "correct horse battery staple", "admin@example.com"
@@ -105,15 +104,11 @@ class Dashboard(Deployment):
         self, host: str, path: str, headers: dict[str, str] | None = None
     ) -> tuple[int, bytes]:
         """One request to our server with this Host (tenant or control host)."""
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
         try:
-            conn.request("GET", path, headers={"Host": host, **(headers or {})})
-            response = conn.getresponse()
-            return response.status, response.read()
+            response, body = http_request(self.port, host, path, headers=headers)
         except OSError:
             return 0, b""
-        finally:
-            conn.close()
+        return response.status, body
 
     def status(self, host: str, path: str) -> int:
         return self.request(host, path)[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
 import socket
@@ -114,6 +115,37 @@ class Deployment:
         for pid in self.app_pids:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, signal.SIGKILL)
+
+
+def http_request(
+    port: int,
+    host: str,
+    path: str = "/",
+    *,
+    method: str = "GET",
+    body: Any = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 30,
+    address: str = "127.0.0.1",
+) -> tuple[http.client.HTTPResponse, bytes]:
+    """One request to our server with this Host (the control host or a tenant's); the
+    connection is closed, the body read."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
+        response = conn.getresponse()
+        return response, response.read()
+    finally:
+        conn.close()
+
+
+def listening(port: int, address: str = "127.0.0.1") -> bool:
+    """Whether something accepts TCP connections on the port (the server is up)."""
+    try:
+        socket.create_connection((address, port), timeout=1).close()
+    except OSError:
+        return False
+    return True
 
 
 def free_port() -> int:

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import http.client
 import json
 import os
 import queue
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request, listening
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -77,11 +75,7 @@ class Server(Deployment):
         self.admin = self.token("admin", "admin")
 
     def listening(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-        except OSError:
-            return False
-        return True
+        return listening(self.port)
 
     def token(self, name: str, scope: str) -> str:
         result = self.manage("createtoken", "--name", name, "--scope", scope)
@@ -104,12 +98,7 @@ class Server(Deployment):
         return {i["key"]: i for i in json.loads(self.ok("ps", "--json"))}
 
     def tenant_request(self, host: str, path: str) -> int:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("GET", path, headers={"Host": host})
-            return conn.getresponse().status
-        finally:
-            conn.close()
+        return http_request(self.port, host, path)[0].status
 
 
 @pytest.fixture

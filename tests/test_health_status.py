@@ -25,7 +25,7 @@ import pytest
 from instances.health import LagMonitor
 from tests import postgres
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request
 
 CONFIG = f"""
 [settings]
@@ -76,13 +76,8 @@ class Server(Deployment):
     def get(
         self, path: str, host: str = "localhost", headers: dict[str, str] | None = None
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
-        conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
-        try:
-            conn.request("GET", path, headers={"Host": host, **(headers or {})})
-            response = conn.getresponse()
-            return response.status, response.headers, response.read()  # names: any case
-        finally:
-            conn.close()
+        response, body = http_request(self.port, host, path, headers=headers, address=self.host)
+        return response.status, response.headers, body  # header names: any case
 
     def json(self, path: str, **kwargs: Any) -> tuple[int, Any]:
         status, headers, body = self.get(path, **kwargs)

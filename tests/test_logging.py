@@ -18,7 +18,7 @@ from django.core.exceptions import ImproperlyConfigured
 from instances.ids import InstanceKey
 from tenement_site import logging as tlog
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request
 
 BADAPP = REPO / "tests" / "apps" / "badupstream.py"
 CONFIG = f"""
@@ -156,14 +156,7 @@ class Server(Deployment):
         self.supervisors.append(self.proc)
 
     def get(self, host: str, path: str = "/") -> http.client.HTTPResponse:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        try:
-            conn.request("GET", path, headers={"Host": host})
-            response = conn.getresponse()
-            response.read()
-            return response
-        finally:
-            conn.close()
+        return http_request(self.port, host, path)[0]
 
     def lines(self) -> list[str]:
         return self.stderr_path.read_text().splitlines()

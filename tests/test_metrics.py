@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request, listening
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -80,13 +80,7 @@ class Metered(Deployment):
     def request(
         self, host: str, path: str = "/", headers: dict[str, str] | None = None, port: int = 0
     ) -> tuple[http.client.HTTPResponse, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", port or self.port, timeout=30)
-        try:
-            conn.request("GET", path, headers={"Host": host, **(headers or {})})
-            response = conn.getresponse()
-            return response, response.read()
-        finally:
-            conn.close()
+        return http_request(port or self.port, host, path, headers=headers)
 
     def restart_supervisor(self) -> None:
         """Stop runsupervisor (SIGTERM, as systemd does) and start it again on the same port."""
@@ -98,18 +92,16 @@ class Metered(Deployment):
         wait_until("the new supervisor to serve", lambda: answers(self.port), timeout=60)
 
     def post_json(self, path: str, payload: Any, token: str) -> tuple[int, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=30)
-        headers = {
-            "Host": f"127.0.0.1:{self.port}",
-            "Authorization": f"Bearer {token}",
-            "Content-Type": "application/json",
-        }
-        try:
-            conn.request("POST", path, body=json.dumps(payload), headers=headers)
-            response = conn.getresponse()
-            return response.status, response.read()
-        finally:
-            conn.close()
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        response, body = http_request(
+            self.port,
+            f"127.0.0.1:{self.port}",
+            path,
+            method="POST",
+            body=json.dumps(payload),
+            headers=headers,
+        )
+        return response.status, body
 
     def scrape_text(self, port: int = 0, headers: dict[str, str] | None = None) -> str:
         response, body = self.request(f"127.0.0.1:{port or self.port}", "/metrics", headers, port)
@@ -487,13 +479,8 @@ def own_address() -> str | None:
 
 
 def status_of(host: str, port: int, headers: dict[str, str]) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=30)
-    try:
-        conn.request("GET", "/metrics", headers=headers)
-        response = conn.getresponse()
-        return response.status, response.read()
-    finally:
-        conn.close()
+    response, body = http_request(port, headers["Host"], "/metrics", headers=headers, address=host)
+    return response.status, body
 
 
 def test_access_rules_and_promtool(short_tmp: Path) -> None:
@@ -614,10 +601,7 @@ def test_multiprocess_sums_counters_and_live_gauges_without_double_counting(
 
 
 def answers(port: int) -> bool:
-    with contextlib.suppress(OSError):
-        socket.create_connection(("127.0.0.1", port), timeout=1).close()
-        return True
-    return False
+    return listening(port)
 
 
 def open_http(m: Samples) -> float:

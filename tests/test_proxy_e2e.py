@@ -26,7 +26,7 @@ from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import REPO, TESTAPP
-from tests.harness import Deployment, free_port
+from tests.harness import Deployment, free_port, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -86,13 +86,9 @@ class Proxy(Deployment):
         headers: dict[str, str] | None = None,
         timeout: float = 20,
     ) -> tuple[http.client.HTTPResponse, bytes]:
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
-        try:
-            conn.request(method, path, body=body, headers={"Host": host, **(headers or {})})
-            response = conn.getresponse()
-            return response, response.read()
-        finally:
-            conn.close()
+        return http_request(
+            self.port, host, path, method=method, body=body, headers=headers, timeout=timeout
+        )
 
     def json(self, host: str, path: str) -> Any:
         response, body = self.request(host, path)
