@@ -24,7 +24,9 @@ async def receive_forever(layer: Any, channel: str) -> AsyncIterator[dict[str, A
         try:
             message = await layer.receive(channel)
         except Exception as e:
-            log.warning("channel layer receive failed (%s); retrying in 1 s", e)
+            log.warning(
+                "channel layer receive failed (%s); retrying in %g s", e, RECEIVE_RETRY_SECONDS
+            )
             await asyncio.sleep(RECEIVE_RETRY_SECONDS)
             continue
         yield message

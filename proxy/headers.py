@@ -45,12 +45,9 @@ def connection_named(headers: Headers) -> frozenset[bytes]:
 
 def end_to_end(headers: Headers) -> Headers:
     """`headers` without hop-by-hop ones (names are compared case-insensitively)."""
-    drop = HOP_BY_HOP | connection_named(headers) if _has_connection(headers) else HOP_BY_HOP
+    named = connection_named(headers)
+    drop = HOP_BY_HOP | named if named else HOP_BY_HOP
     return [(n, v) for n, v in headers if n.lower() not in drop]
-
-
-def _has_connection(headers: Headers) -> bool:
-    return any(n.lower() == b"connection" for n, _ in headers)
 
 
 def request_id(headers: Headers) -> bytes:

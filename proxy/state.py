@@ -167,8 +167,7 @@ class ProxyState:
         if (socket := self.running.pop(key, None)) is not None:
             self.pools.drop(socket)
         if failed:
-            self.failed.add(key)
-            self.wake_failed(key, "crash loop: start it manually", True)
+            self.wake_failed(key, "crash loop: start it manually", True)  # marks it failed
         else:
             self.failed.discard(key)  # e.g. an operator cleared `failed`
         for close in list(self.closers.get(key, ())):

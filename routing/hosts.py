@@ -15,8 +15,6 @@ from instances.ids import LABEL_RE, InstanceKey
 
 # Printable ASCII host characters; '%', '/', '@', '\\', spaces and controls are never valid.
 _HOST_CHARS = re.compile(r"[a-z0-9.\-\[\]:]+")
-# A host-name label (RFC 1123): letters, digits and '-', not at either end.
-_LDH_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 
 class MalformedHost(ValueError):
@@ -52,7 +50,8 @@ def normalize(raw: str) -> str:
     if sep:
         _check_port(port, raw)
     name = name[:-1] if name.endswith(".") else name
-    if not name or len(name) > 253 or not all(map(_LDH_LABEL.fullmatch, name.split("."))):
+    # Every label a host-name label (RFC 1123), which is also our rule for ids and services.
+    if not name or len(name) > 253 or not all(map(LABEL_RE.fullmatch, name.split("."))):
         raise MalformedHost(f"malformed host {raw!r}")
     return name
 
@@ -84,7 +83,7 @@ def resolve(raw_host: str, domain: str) -> Route:
     if not host.endswith(suffix):
         return Unknown(host)
     labels = host[: -len(suffix)].split(".")
-    if len(labels) != 2 or not all(LABEL_RE.fullmatch(label) for label in labels):
+    if len(labels) != 2:  # normalize() has checked each label already
         return Unknown(host)
     instance_id, service = labels
     return Tenant(InstanceKey(service, instance_id))
