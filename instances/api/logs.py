@@ -162,8 +162,8 @@ class LogStreamView(APIView):
 
     @extend_schema(parameters=FILTERS, responses={(200, "text/event-stream"): LOG_EVENT})
     def get(self, request: Request) -> StreamingHttpResponse:
-        ids = list(scoped_instances(request).values_list("pk", flat=True))
         keys = {i.pk: str(i.key) for i in scoped_instances(request)}
+        ids = list(keys)
         after = _resume_point(request)
         response = StreamingHttpResponse(
             follow(ids, keys, stream_param(request), after), content_type="text/event-stream"

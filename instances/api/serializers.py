@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import psutil
@@ -184,7 +183,3 @@ class TokenCreateSerializer(serializers.Serializer):
     expires_days = serializers.FloatField(
         required=False, allow_null=True, min_value=0.0001, max_value=3650
     )
-
-
-def now() -> float:
-    return time.time()

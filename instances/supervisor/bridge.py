@@ -100,11 +100,9 @@ class Bridge:
             log.warning("ignoring a message of unknown type %r", kind)
 
     async def answer_wake(self, key: Any, reply: str, suspect: str | None = None) -> None:
-        from instances.supervisor.core import InstanceUnavailable
+        from instances.supervisor.core import InstanceRefused, InstanceUnavailable
         from instances.supervisor.runtime import State
 
-        before = self.sup.runtimes.get(key)
-        refused = before is not None and before.state == State.FAILED  # wake() will not try
         try:
             if suspect:
                 await self.sup.confirm_unreachable(key, suspect)
@@ -113,6 +111,7 @@ class Bridge:
             current = self.sup.runtimes.get(key)
             failed = current is not None and current.state == State.FAILED
             message = {"type": "wake.unavailable", "key": str(key), "reason": str(e)}
+            refused = isinstance(e, InstanceRefused)  # failed already: nothing was tried
             self.post(reply, {**message, "failed": failed, "refused": refused})
             return
         self.post(reply, {"type": "wake.ready", "key": str(key), "socket": socket_of(rt)})

@@ -50,6 +50,7 @@ MAX_CONCURRENT_HEALTH_CHECKS = 64
 SHUTDOWN_SLACK = 5.0
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
 SUSPECT_PROBE_TIMEOUT = 1.0
+UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
 EXIT_NOTICE_TIMEOUT = 2.0
 
 
@@ -60,6 +61,10 @@ def running_here() -> Supervisor | None:
 
 class InstanceUnavailable(Exception):
     """A wake could not produce a running instance (unknown, failed, or timed out)."""
+
+
+class InstanceRefused(InstanceUnavailable):
+    """The instance was already failed: the wake did not try to start it."""
 
 
 class Supervisor:
@@ -575,8 +580,8 @@ class Supervisor:
             )
             return
         rt.backoff_until = self.clock() + delay
-        # health_failed words its failures "unhealthy: ..."; every other one is a crash.
-        metrics.restarted(rt.key, "health" if reason.startswith("unhealthy:") else "crash")
+        # health_failed's failures start with UNHEALTHY; every other one is a crash.
+        metrics.restarted(rt.key, "health" if reason.startswith(UNHEALTHY) else "crash")
         log.warning(
             "%s: %s; restarting in %.2fs",
             rt.key,
@@ -686,7 +691,7 @@ class Supervisor:
             f"health check failed ({n}/{HEALTH_FAILURES_BEFORE_RESTART}): {detail}",
         )
         if n >= HEALTH_FAILURES_BEFORE_RESTART and rt.proc is not None:
-            rt.failure = f"unhealthy: {n} consecutive health checks failed ({detail})"
+            rt.failure = f"{UNHEALTHY}{n} consecutive health checks failed ({detail})"
             rt.ready.clear()
             self.bridge.down(rt, code=RESTARTING)
             # Not an expected stop: the exit goes through the restart policy. In the
@@ -767,7 +772,7 @@ class Supervisor:
         """Make sure `key` is running and ready; raise InstanceUnavailable if it cannot be."""
         rt = self.runtimes.get(key) or await self.sync_and_get(key)
         if rt.state == State.FAILED:
-            raise InstanceUnavailable(f"{key} is failed (crash loop); start it manually")
+            raise InstanceRefused(f"{key} is failed (crash loop); start it manually")
         rt.last_activity = self.clock()
         if rt.ready.is_set():
             return rt
