@@ -90,6 +90,14 @@ def register_ours(config: Path, data: Path, running: Iterable[str]) -> Path:
     return db
 
 
+def running_count(data: Path) -> int:
+    """How many of our instances are running (read from the data dir's SQLite database)."""
+    with contextlib.closing(sqlite3.connect(data / "tenement.sqlite3", timeout=10)) as db:
+        query = "SELECT count(*) FROM instances_instance WHERE state='running'"
+        (n,) = db.execute(query).fetchone()
+    return n
+
+
 def become_subreaper() -> None:
     """Adopt orphans: apps whose supervisor died stay our descendants, so we can kill them."""
     with contextlib.suppress(OSError, AttributeError):

@@ -33,7 +33,6 @@ import json
 import os
 import re
 import shutil
-import sqlite3
 import statistics
 import subprocess
 import tempfile
@@ -53,6 +52,7 @@ from common import (
     log,
     process_group,
     register_ours,
+    running_count,
     wait_for,
 )
 from playwright.sync_api import Browser, BrowserContext, sync_playwright
@@ -117,16 +117,8 @@ def ours(root: Path, tenants: int, running: int) -> Iterator[int]:
     cmd = [*MANAGE, "runsupervisor", "--bind", f"127.0.0.1:{port}", "--data-dir", str(data)]
     with process_group(cmd, cwd=REPO, log_file=root / "runsupervisor.log", grace=60):
         wait_for("ours: the login page", lambda: get(port, "/accounts/login/")[0] == 200)
-        wait_for(f"ours: {running} running", lambda: count_running(data) >= running, 180)
+        wait_for(f"ours: {running} running", lambda: running_count(data) >= running, 180)
         yield port
-
-
-def count_running(data: Path) -> int:
-    with contextlib.closing(sqlite3.connect(data / "tenement.sqlite3", timeout=10)) as db:
-        (n,) = db.execute(
-            "SELECT count(*) FROM instances_instance WHERE state='running'"
-        ).fetchone()
-    return n
 
 
 def get(port: int, path: str, cookie: str = "") -> tuple[int, bytes]:

@@ -31,7 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from common import MANAGE, REPO, find_ten, log, register_ours, wait_for
+from common import MANAGE, REPO, find_ten, log, register_ours, running_count, wait_for
 
 APP = REPO / "examples" / "apps" / "counter.py"
 TCP_APP = REPO / "bench" / "apps" / "tcp_app.py"
@@ -62,25 +62,18 @@ def ours(root: Path) -> Iterator[tuple[psutil.Process, list[float]]]:
     )
     manage = MANAGE
     log(f"ours: registering {TENANTS} tenants")
-    db = register_ours(config, data, ids[:RUNNING])
+    register_ours(config, data, ids[:RUNNING])
     proc = subprocess.Popen(
         [*manage, "runsupervisor", "--no-http", "--data-dir", str(data)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        wait_for("20 running", lambda: running_count(db) == RUNNING)
+        wait_for("20 running", lambda: running_count(data) == RUNNING)
         yield psutil.Process(proc.pid), lambda: sequential_starts(manage, data, ids)
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
-
-
-def running_count(db: Path) -> int:
-    with contextlib.closing(sqlite3.connect(db, timeout=10)) as conn:
-        return conn.execute(
-            "SELECT count(*) FROM instances_instance WHERE state='running'"
-        ).fetchone()[0]
 
 
 def sequential_starts(manage: list[str], data: Path, ids: list[str]) -> list[float]:
@@ -180,7 +173,7 @@ def main() -> None:
     if len(results) == 2:
         o, u = results["ours"], results["upstream ten 0.2.2"]
         cpu_ratio = f"{o[0] / u[0]:.1f}x" if u[0] > 0 else "n/a (upstream rounds to 0)"
-    print(f"\nratio ours/upstream: RSS {o[1] / u[1]:.2f}x, idle CPU {cpu_ratio}")
+        print(f"\nratio ours/upstream: RSS {o[1] / u[1]:.2f}x, idle CPU {cpu_ratio}")
     print(
         "\nstart to ready: ours is the supervisor's spawn-to-first-healthy-check time for 10 "
         "tenants started one at a time; upstream's is the wall time of `ten spawn` (which may "

@@ -19,7 +19,16 @@ RANKS = {ApiToken.Scope.READ: 0, ApiToken.Scope.WRITE: 1, ApiToken.Scope.ADMIN: 
 
 
 class TokenError(ValueError):
-    """Bad input for creating or revoking a token, with a message for the operator."""
+    """Bad input for creating or revoking a token, with a message for the operator and
+    the input it is about (name, scope, tenant, expires), for forms to place it."""
+
+    def __init__(self, message: str, field: str = "name") -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class TokenExists(TokenError):
+    """The name is taken (the API answers 409)."""
 
 
 @dataclass(frozen=True)
@@ -42,19 +51,19 @@ def mint(
     if "/" in name:
         raise TokenError("a token name must not contain '/' (it is part of the API's URLs)")
     if scope not in RANKS:
-        raise TokenError(f"invalid scope {scope!r}: use read, write or admin")
+        raise TokenError(f"invalid scope {scope!r}: use read, write or admin", "scope")
     if tenant:
         try:
             check_label(tenant, "tenant")
         except ValueError as e:
-            raise TokenError(str(e)) from None
+            raise TokenError(str(e), "tenant") from None
         if scope == ApiToken.Scope.ADMIN:
             # Admin acts on services and tokens, which belong to no tenant.
-            raise TokenError("a tenant-restricted token cannot have admin scope")
+            raise TokenError("a tenant-restricted token cannot have admin scope", "scope")
     if ApiToken.objects.filter(name=name).exists():
-        raise TokenError(f"a token named {name!r} already exists")
+        raise TokenExists(f"a token named {name!r} already exists")
     if expires_days is not None and not 0 < expires_days <= 3650:
-        raise TokenError("expiry must be between 0 and 3650 days")
+        raise TokenError("expiry must be between 0 and 3650 days", "expires")
     prefix = secrets.token_hex(6)
     secret = f"{TOKEN_PREFIX}{prefix}_{secrets.token_urlsafe(32)}"
     expires = timezone.now() + timedelta(days=expires_days) if expires_days else None

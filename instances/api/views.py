@@ -231,9 +231,9 @@ class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Gen
             minted = tokens.mint(
                 data["name"], data["scope"], data.get("tenant", ""), data.get("expires_days")
             )
+        except tokens.TokenExists as e:
+            raise Conflict(str(e)) from None
         except tokens.TokenError as e:
-            if "already exists" in str(e):
-                raise Conflict(str(e)) from None
             raise ValidationError({"non_field_errors": [str(e)]}) from None
         out = dict(s.TokenSerializer(minted.token).data, token=minted.secret)
         return Response(out, status=status.HTTP_201_CREATED)

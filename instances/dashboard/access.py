@@ -4,7 +4,7 @@ from collections.abc import Callable
 from typing import Any
 
 from django.contrib.admin.views.decorators import staff_member_required
-from django.http import HttpRequest, HttpResponse
+from django.http import HttpResponse
 
 View = Callable[..., HttpResponse]
 
@@ -14,6 +14,6 @@ def staff_page(view: View) -> View:
     return staff_member_required(view, login_url="dashboard:login")
 
 
-def nav_context(request: HttpRequest, active: str, **extra: Any) -> dict[str, Any]:
+def nav_context(active: str, **extra: Any) -> dict[str, Any]:
     """What base.html needs: which nav entry is current."""
     return {"active": active, **extra}

@@ -48,7 +48,8 @@ def update_message(filters: Filters, csrf_token: str) -> dict[str, Any]:
 
 def csrf_token_for(scope: dict[str, Any]) -> str:
     """A masked CSRF token for the client's own cookie, so the re-rendered action forms
-    post like the page's. Empty if it has none (the page's script fills those in)."""
+    post like the page's. Empty if it has none; it always has, as the page that opens the
+    socket set the cookie."""
     secret = scope.get("cookies", {}).get(settings.CSRF_COOKIE_NAME, "")
     if not CSRF_SECRET.fullmatch(secret):
         return ""

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
 
+from instances import operations as ops
 from instances.dashboard.access import nav_context, staff_page
-from instances.dashboard.display import human_seconds
-from instances.ids import InvalidName, parse_key
+from instances.dashboard.display import human_seconds, tenant_url
+from instances.ids import InvalidName
 from instances.models import Instance
 from instances.spec import ServiceSpec
 
@@ -52,7 +52,6 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
     data_dir = spec.instance_dir(instance.instance_id)
     lines = last_lines(instance)
     context = nav_context(
-        request,
         "overview",
         instance=instance,
         key=str(instance.key),
@@ -72,31 +71,15 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
 
 def instance_or_404(key: str) -> Instance:
     try:
-        parsed = parse_key(key)
-    except InvalidName as e:
+        return ops.get_instance(key)
+    except (InvalidName, ops.OperationError) as e:
         raise Http404(str(e)) from None
-    instance = (
-        Instance.objects.select_related("service")
-        .filter(service__name=parsed.service, instance_id=parsed.instance_id)
-        .first()
-    )
-    if instance is None:
-        raise Http404(f"{parsed} is not registered")
-    return instance
 
 
 def last_lines(instance: Instance) -> list[Any]:
     """The newest TAIL_LINES lines, oldest first (as a terminal shows them)."""
     newest = instance.log_lines.order_by("-id")[:TAIL_LINES]
     return list(reversed(newest))
-
-
-def tenant_url(request: HttpRequest, instance: Instance) -> str:
-    """The tenant's address as the operator reaches this dashboard: same port if any."""
-    _, sep, port = request.get_host().rpartition(":")
-    suffix = f":{port}" if sep and port.isdigit() else ""
-    host = f"{instance.instance_id}.{instance.service.name}.{settings.TENEMENT_DOMAIN}"
-    return f"http://{host}{suffix}/"
 
 
 def dir_size(root: Path, max_entries: int = SIZE_MAX_ENTRIES) -> DirSize:

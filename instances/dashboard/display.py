@@ -1,6 +1,12 @@
-"""How the dashboard pages show figures."""
+"""How the dashboard pages show figures and addresses."""
 
 from __future__ import annotations
+
+from django.conf import settings
+from django.http import HttpRequest
+from django.http.request import split_domain_port
+
+from instances.models import Instance
 
 
 def human_seconds(seconds: float | None) -> str:
@@ -14,3 +20,11 @@ def human_seconds(seconds: float | None) -> str:
             parts.append(f"{left // size}{unit}")
             left %= size
     return " ".join(parts[:2])
+
+
+def tenant_url(request: HttpRequest, instance: Instance) -> str:
+    """The tenant's address, on the port this page was reached on (if the Host names one)."""
+    _, port = split_domain_port(request.get_host())
+    host = f"{instance.instance_id}.{instance.service.name}.{settings.TENEMENT_DOMAIN}"
+    scheme = "https" if request.is_secure() else "http"
+    return f"{scheme}://{host}{f':{port}' if port else ''}/"

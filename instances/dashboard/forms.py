@@ -33,17 +33,8 @@ class AddTenantForm(forms.Form):
             message = str(e)
             raise forms.ValidationError(message[0].upper() + message[1:]) from None
 
-    def clean(self) -> dict[str, object]:
-        data = super().clean()
-        if self.errors:
-            return data
-        key = InstanceKey(data["service"], data["instance_id"])
-        if Instance.objects.filter(service__name=key.service, instance_id=key.instance_id).exists():
-            self.add_error("instance_id", f"{key} is already registered.")
-        return data
-
     def save(self) -> Instance | None:
-        """Register (and maybe start); a race lost since clean() becomes a form error."""
+        """Register (and maybe start); a name already taken becomes a form error."""
         key = InstanceKey(self.cleaned_data["service"], self.cleaned_data["instance_id"])
         try:
             instance, created = ops.register(key, start=self.cleaned_data["start"])

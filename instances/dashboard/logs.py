@@ -99,7 +99,7 @@ class Row:
 @staff_page
 def search(request: HttpRequest) -> HttpResponse:
     form = SearchForm(request.GET or None, auto_id="%s")
-    context = nav_context(request, "logs", form=form, searched=bool(request.GET))
+    context = nav_context("logs", form=form, searched=bool(request.GET))
     if form.is_bound and form.is_valid():
         try:
             context.update(run(form))

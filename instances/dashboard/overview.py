@@ -13,7 +13,6 @@ from itertools import groupby
 from typing import Any
 from urllib.parse import urlencode
 
-from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Page, Paginator
 from django.db.models import Count, QuerySet
@@ -25,7 +24,6 @@ from django.http import (
     HttpResponseRedirect,
     QueryDict,
 )
-from django.http.request import split_domain_port
 from django.shortcuts import redirect, render
 from django.template.loader import render_to_string
 from django.urls import reverse
@@ -35,7 +33,7 @@ from django.views.decorators.http import require_POST
 from instances import operations as ops
 from instances.api.serializers import live_process
 from instances.dashboard.access import nav_context, staff_page
-from instances.dashboard.display import human_seconds
+from instances.dashboard.display import human_seconds, tenant_url
 from instances.dashboard.forms import AddTenantForm
 from instances.ids import InvalidName, parse_key
 from instances.models import Instance, Service
@@ -169,7 +167,6 @@ def render_rows(filters: Filters, csrf_token: str) -> str:
 def overview(request: HttpRequest) -> HttpResponse:
     filters = Filters.from_query(request.GET)
     context = nav_context(
-        request,
         "overview",
         counts=counts(),
         services=Service.objects.values_list("name", flat=True),
@@ -189,7 +186,7 @@ def add_tenant(request: HttpRequest) -> HttpResponse:
         verb = "registered and starting" if form.cleaned_data["start"] else "registered"
         messages.success(request, f"{instance.key} {verb}.")
         return redirect(reverse("dashboard:add-tenant") + f"?created={instance.key}")
-    context = nav_context(request, "overview", form=form, **created_context(request))
+    context = nav_context("overview", form=form, **created_context(request))
     return render(request, "dashboard/add_tenant.html", context)
 
 
@@ -200,14 +197,6 @@ def created_context(request: HttpRequest) -> dict[str, Any]:
     except (InvalidName, ops.OperationError):
         return {}
     return {"created": instance, "tenant_url": tenant_url(request, instance)}
-
-
-def tenant_url(request: HttpRequest, instance: Instance) -> str:
-    """The tenant's address, on the port this page was reached on (if the Host names one)."""
-    _, port = split_domain_port(request.get_host())
-    host = f"{instance.instance_id}.{instance.service.name}.{settings.TENEMENT_DOMAIN}"
-    scheme = "https" if request.is_secure() else "http"
-    return f"{scheme}://{host}{f':{port}' if port else ''}/"
 
 
 # ---- actions ----------------------------------------------------------------------------

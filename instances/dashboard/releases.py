@@ -13,5 +13,5 @@ from instances.models import Service
 @staff_page
 def releases(request: HttpRequest) -> HttpResponse:
     services = Service.objects.annotate(n_instances=Count("instances")).order_by("name")
-    context = nav_context(request, "releases", services=services)
+    context = nav_context("releases", services=services)
     return render(request, "dashboard/releases.html", context)

@@ -21,14 +21,6 @@ from instances.dashboard.access import nav_context, staff_page
 from instances.models import ApiToken
 
 PAGE = 50
-# Which field a TokenError from mint() is about, by how its message starts (the rest may
-# quote the user's text); anything else is about the name.
-ERROR_FIELDS = (
-    ("invalid tenant", "tenant"),
-    ("a tenant-restricted", "scope"),
-    ("invalid scope", "scope"),
-    ("expiry", "expires"),
-)
 
 
 class TokenForm(forms.Form):
@@ -54,12 +46,8 @@ class TokenForm(forms.Form):
         try:
             return token_ops.mint(data["name"], data["scope"], data["tenant"], data["expires"])
         except token_ops.TokenError as e:
-            self.add_error(error_field(str(e)), str(e))
+            self.add_error(e.field, str(e))
             return None
-
-
-def error_field(message: str) -> str:
-    return next((field for start, field in ERROR_FIELDS if message.startswith(start)), "name")
 
 
 @staff_page
@@ -79,7 +67,7 @@ def page_context(
     request: HttpRequest, form: TokenForm, minted: token_ops.Minted | None
 ) -> dict[str, Any]:
     page = Paginator(ApiToken.objects.order_by("name"), PAGE).get_page(request.GET.get("page"))
-    return nav_context(request, "tokens", form=form, minted=minted, page=page, now=timezone.now())
+    return nav_context("tokens", form=form, minted=minted, page=page, now=timezone.now())
 
 
 @staff_page

@@ -50,14 +50,6 @@
     if (el) el.focus({ preventScroll: true });
   }
 
-  // Forms rendered without a token (no CSRF cookie yet) get the page's own.
-  function fillTokens() {
-    const token = region.dataset.csrf;
-    for (const input of region.querySelectorAll("input[name=csrfmiddlewaretoken]")) {
-      if (!input.value && token) input.value = token;
-    }
-  }
-
   function swapRows(html) {
     if (html === lastHtml) return;
     if (pointerDown) {
@@ -67,7 +59,6 @@
     const saved = focused();
     region.innerHTML = html;
     lastHtml = html;
-    fillTokens();
     refocus(saved);
   }
 
