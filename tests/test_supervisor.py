@@ -24,6 +24,7 @@ from instances import operations as ops
 from instances.ids import InstanceKey
 from instances.models import Event, Instance, LogLine, Service, SupervisorSettings
 from instances.supervisor import InstanceUnavailable, Supervisor
+from instances.supervisor.core import running_here
 from instances.supervisor.backoff import JITTER
 from instances.supervisor.runtime import Runtime
 from tests.conftest import TESTAPP
@@ -57,7 +58,7 @@ async def supervising(tmp: Path, **settings: Any) -> AsyncIterator[Supervisor]:
     await sync_to_async(SupervisorSettings.objects.update_or_create)(
         pk=1, defaults={**FAST, **settings}
     )
-    sup = Supervisor()
+    sup = Supervisor(run_dir=tmp / "run")
     await sup.startup()
     serving = asyncio.create_task(sup.serve(), name="test-serve")
     try:
@@ -89,8 +90,18 @@ def events(key: str, kind: str | None = None) -> list[Event]:
     return list(qs.filter(kind=kind) if kind else qs)
 
 
-aevents = sync_to_async(events)
+async def aevents(key: str, kind: str | None = None) -> list[Event]:
+    """Events once the running supervisor's mirror has caught up (it writes behind)."""
+    if (sup := running_here()) is not None:
+        assert await sup.outbox.flush(10)
+    return await sync_to_async(events)(key, kind)
 KEY = InstanceKey("app", "alice")
+
+
+async def mirrored_row(instance_id: str) -> Instance:
+    if (sup := running_here()) is not None:
+        assert await sup.outbox.flush(10)
+    return await sync_to_async(Instance.objects.get)(instance_id=instance_id)
 
 
 async def test_readiness_gate_waits_for_first_healthy_answer(short_tmp: Path) -> None:
@@ -158,7 +169,7 @@ async def test_health_failures_restart_the_instance(short_tmp: Path) -> None:
             "3 consecutive health checks failed"
             in (await aevents("app:alice", "backoff"))[0].message
         )
-        row = await sync_to_async(Instance.objects.get)(instance_id="alice")
+        row = await mirrored_row("alice")
         assert row.restart_count == 1
 
 
@@ -186,12 +197,12 @@ async def test_failed_is_cleared_only_by_a_manual_start(short_tmp: Path) -> None
     async with supervising(short_tmp, max_restarts=0) as sup:
         rt = sup.runtimes[KEY]
         await wait_state(rt, "failed")
-        await sup.tick()
+        sup.tick()
         assert rt.state == "failed"  # reconcile leaves it alone
         await sync_to_async(Service.objects.filter(name="app").update)(env={})
         await sync_to_async(ops.request_start)("app:alice")
-        sup._next_sync = 0
-        await sup.tick()
+        await sup.sync_desired()
+        sup.tick()
         await wait_state(rt, "running")
         assert [e.message for e in await aevents("app:alice", "reset")] == [
             "failed state cleared by manual start"
@@ -207,7 +218,7 @@ async def test_idle_instance_is_stopped_and_its_socket_removed(short_tmp: Path) 
         assert socket_path.exists()
         await wait_state(rt, "stopped", timeout=5)
         assert not socket_path.exists()
-        row = await sync_to_async(Instance.objects.get)(instance_id="alice")
+        row = await mirrored_row("alice")
         assert row.desired_state == "stopped" and row.pid is None
         assert "stopped (idle)" in (await aevents("app:alice", "stopped"))[0].message
 
@@ -217,11 +228,11 @@ async def test_open_connection_keeps_instance_awake(short_tmp: Path) -> None:
     await sync_to_async(register)(service, "alice")
     async with supervising(short_tmp) as sup:
         rt = await sup.wake(KEY)
-        sup.connection_opened(KEY)
+        sup.bridge.record_activity("proxy-1", [str(KEY)], {str(KEY): 1})
         await asyncio.sleep(1.2)  # three idle timeouts
         assert rt.state == "running"
         closed_at = time.monotonic()
-        sup.connection_closed(KEY)
+        sup.bridge.record_activity("proxy-1", [str(KEY)], {})
         sup.poke()
         await wait_state(rt, "stopping", "stopped", timeout=5)
         assert time.monotonic() - closed_at >= 0.4
@@ -249,7 +260,7 @@ async def test_app_ignoring_sigterm_is_killed_after_stop_timeout(short_tmp: Path
         assert rt.state == "stopped"
         assert 0.7 <= took < 3
         assert not psutil.pid_exists(pid)
-        row = await sync_to_async(Instance.objects.get)(instance_id="alice")
+        row = await mirrored_row("alice")
         assert row.last_exit_code == -signal.SIGKILL
         assert "killed by SIGKILL" in (await aevents("app:alice", "stopped"))[0].message
 
@@ -370,8 +381,8 @@ async def test_deregistered_instance_is_stopped_cleanly(short_tmp: Path) -> None
         rt = await sup.wake(KEY)
         pid = rt.proc.pid
         await sync_to_async(Instance.objects.filter(instance_id="alice").delete)()
-        sup._next_sync = 0
-        await sup.tick()
+        await sup.sync_desired()
+        sup.tick()
         assert KEY not in sup.runtimes
         await asyncio.wait_for(rt.task, 10)
         assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == "zombie"
@@ -388,7 +399,8 @@ async def test_instances_that_cannot_idle_do_not_make_the_loop_spin(short_tmp: P
     async with supervising(short_tmp) as sup:
         await sup.wake(KEY)
         await sup.wake(InstanceKey("app", "bob"))
-        sup.connection_opened(InstanceKey("app", "bob"))  # e.g. an open WebSocket
+        # e.g. an open WebSocket
+        sup.bridge.record_activity("proxy-1", ["app:bob"], {"app:bob": 1})
         await asyncio.sleep(0.5)  # both are past their idle deadline now
         assert sup.seconds_until_next_deadline() > 0.1
         assert sup.runtimes[KEY].state == "running"
@@ -406,8 +418,8 @@ async def test_deleted_and_reregistered_key_never_runs_twice(short_tmp: Path) ->
             register(service, "alice", desired="running")
 
         await sync_to_async(recreate)()
-        sup._next_sync = 0
-        await sup.tick()
+        await sup.sync_desired()
+        sup.tick()
         new = sup.runtimes[KEY]
         assert new is not old and set(sup.by_pk) == {new.pk}
         await wait_state(new, "running")
@@ -424,7 +436,7 @@ async def test_wake_fails_fast_when_the_instance_is_deregistered(short_tmp: Path
         await sync_to_async(Instance.objects.filter(instance_id="alice").delete)()
         sup._next_sync = 0
         started = time.monotonic()
-        await sup.tick()
+        sup.tick()
         with pytest.raises(InstanceUnavailable, match="deregistered"):
             await waking
         assert time.monotonic() - started < 3

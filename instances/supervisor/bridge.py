@@ -93,13 +93,16 @@ class Bridge:
         if kind == "wake":
             key = parse_key(message["key"])
             suspect = message.get("suspect")
-            self.sup.spawn_helper(self.answer_wake(key, message["reply"], suspect))
+            wake_id = message.get("id")  # echoed, so a late answer settles only its own wake
+            self.sup.spawn_helper(self.answer_wake(key, message["reply"], suspect, wake_id))
         elif kind == "activity":
             self.record_activity(message["proxy"], message["touched"], message["open"])
         else:
             log.warning("ignoring a message of unknown type %r", kind)
 
-    async def answer_wake(self, key: Any, reply: str, suspect: str | None = None) -> None:
+    async def answer_wake(
+        self, key: Any, reply: str, suspect: str | None = None, wake_id: Any = None
+    ) -> None:
         from instances.supervisor.core import InstanceRefused, InstanceUnavailable
         from instances.supervisor.runtime import State
 
@@ -110,11 +113,12 @@ class Bridge:
         except InstanceUnavailable as e:
             current = self.sup.runtimes.get(key)
             failed = current is not None and current.state == State.FAILED
-            message = {"type": "wake.unavailable", "key": str(key), "reason": str(e)}
+            message = {"type": "wake.unavailable", "key": str(key), "reason": str(e), "id": wake_id}
             refused = isinstance(e, InstanceRefused)  # failed already: nothing was tried
             self.post(reply, {**message, "failed": failed, "refused": refused})
             return
-        self.post(reply, {"type": "wake.ready", "key": str(key), "socket": socket_of(rt)})
+        ready = {"type": "wake.ready", "key": str(key), "socket": socket_of(rt), "id": wake_id}
+        self.post(reply, ready)
 
     def record_activity(self, proxy: str, touched: list[str], open_counts: dict[str, int]) -> None:
         now = self.clock()

@@ -8,9 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from asgiref.sync import sync_to_async
-
 from instances.models import Instance, LogLine
+from instances.supervisor.persist import DbThread
 
 log = logging.getLogger("tenement.logs")
 
@@ -34,7 +33,9 @@ class CapturedLine:
 class LogCollector:
     """Buffers lines from many readers; one bulk insert per flush, not one write per line."""
 
-    def __init__(self) -> None:
+    def __init__(self, db: DbThread | None = None) -> None:
+        # The supervisor's own thread: log writes never queue behind asgiref's.
+        self.db = db or DbThread("tenement-db-logs")
         self.buffer: list[CapturedLine] = []
         self.full = asyncio.Event()
         # Rows per instance since the last trim, so retention costs no COUNT per flush.
@@ -83,7 +84,7 @@ class LogCollector:
         if not self.buffer:
             return False
         batch, self.buffer = self.buffer, []
-        await sync_to_async(self._write)(batch)
+        await self.db.call(self._write, batch)
         return True
 
     def _write(self, batch: list[CapturedLine]) -> None:

@@ -41,12 +41,14 @@ class Runtime:
     started_at: float = 0.0
     last_activity: float = 0.0
     activity_reported: float = 0.0
-    # Connections opened in this process, and per proxy process (by channel name).
-    open_connections: int = 0
+    # Open connections per proxy process (by channel name), as the proxies report them.
     proxy_open: dict[str, int] = field(default_factory=dict)
     health_failures: int = 0
     next_health: float = 0.0
     health_ok: bool | None = None
+    # Bumped to cancel the wakes in flight (an operator stop, a deregistration), and why.
+    wake_epoch: int = 0
+    wake_cancelled: str = ""
     # Set while the instance is running and ready.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Replaced on every state change; waiters hold the old one, which gets set.
@@ -75,7 +77,7 @@ class Runtime:
 
     @property
     def connections(self) -> int:
-        return self.open_connections + sum(self.proxy_open.values())
+        return sum(self.proxy_open.values())
 
     def idle_for(self, now: float) -> float:
         return now - self.last_activity

@@ -11,10 +11,19 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
 @contextmanager
-def stop_on_signals(loop: asyncio.AbstractEventLoop, stop: asyncio.Event) -> Iterator[None]:
+def stop_on_signals(
+    loop: asyncio.AbstractEventLoop, stop: asyncio.Event, force: asyncio.Event | None = None
+) -> Iterator[None]:
+    """The first SIGTERM/SIGINT sets `stop`; a second one sets `force` (skip the drain)."""
     previous = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
+
+    def on_signal() -> None:
+        if stop.is_set() and force is not None:
+            force.set()
+        stop.set()
+
     for sig in STOP_SIGNALS:
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         yield
     finally:

@@ -1,4 +1,7 @@
-"""All database access of the supervisor, as small async methods.
+"""All database access of the supervisor, as small plain functions.
+
+They run on the supervisor's own threads (persist.py): reads on its reader thread,
+writes through the ordered outbox. None of them is ever awaited by a lifecycle step.
 
 Actual-state writes use queryset.update(), which does not bump updated_at, so
 updated_at only moves when someone else (CLI, admin, API) changes desired state.
@@ -12,8 +15,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from asgiref.sync import sync_to_async
-from django.db import close_old_connections
+from django.db import close_old_connections, transaction
 from django.utils import timezone
 
 from instances.models import Event, Instance, Service, SupervisorHeartbeat, SupervisorSettings
@@ -31,17 +33,14 @@ def _now() -> datetime:
     return timezone.now()
 
 
-@sync_to_async
 def load_instances() -> list[Instance]:
     return list(Instance.objects.select_related("service").order_by("pk"))
 
 
-@sync_to_async
 def load_settings() -> SupervisorSettings:
     return SupervisorSettings.current()
 
 
-@sync_to_async
 def changes_since(watermark: datetime) -> Changes:
     # Long-lived process: drop connections the database may have closed on us.
     close_old_connections()
@@ -55,7 +54,6 @@ def changes_since(watermark: datetime) -> Changes:
     )
 
 
-@sync_to_async
 def leftovers() -> list[Instance]:
     """Rows a previous supervisor left mid-flight: they may still have live processes."""
     return list(
@@ -65,44 +63,46 @@ def leftovers() -> list[Instance]:
     )
 
 
-@sync_to_async
+def settle_leftover(pk: int, state: str) -> None:
+    """After a restart nothing of ours runs: the row says stopped (or still failed)."""
+    new = Instance.State.FAILED if state == Instance.State.FAILED else Instance.State.STOPPED
+    Instance.objects.filter(pk=pk).update(state=new, pid=None, pid_create_time=None)
+
+
 def update(pk: int, **fields: Any) -> None:
     Instance.objects.filter(pk=pk).update(**fields)
 
 
-@sync_to_async
 def update_if_unchanged(pk: int, version: datetime | None, **fields: Any) -> bool:
     """Conditional update: loses cleanly to a concurrent change by an operator."""
     return Instance.objects.filter(pk=pk, updated_at=version).update(**fields) == 1
 
 
-@sync_to_async
 def transition(pk: int, old: str, new: str, kind: str, message: str, **fields: Any) -> None:
-    # A deregistered instance may still be stopping: its row (and events) are gone.
-    if Instance.objects.filter(pk=pk).update(state=new, **fields):
-        Event.objects.create(
-            instance_id=pk, kind=kind, from_state=old, to_state=new, message=message[:2000]
-        )
+    # One transaction: the outbox retries a write that failed, and a retry must not
+    # apply the update (restart_count + 1) twice. A deregistered instance may still be
+    # stopping: its row (and events) are gone.
+    with transaction.atomic():
+        if Instance.objects.filter(pk=pk).update(state=new, **fields):
+            Event.objects.create(
+                instance_id=pk, kind=kind, from_state=old, to_state=new, message=message[:2000]
+            )
 
 
-@sync_to_async
 def record_event(pk: int, kind: str, message: str) -> None:
     if Instance.objects.filter(pk=pk).exists():
         Event.objects.create(instance_id=pk, kind=kind, message=message[:2000])
 
 
-@sync_to_async
 def save_activity(stamps: dict[int, float]) -> None:
     for pk, stamp in stamps.items():
         Instance.objects.filter(pk=pk).update(last_activity=datetime.fromtimestamp(stamp, UTC))
 
 
-@sync_to_async
 def clear_restart_request(pk: int) -> None:
     Instance.objects.filter(pk=pk).update(restart_requested=False)
 
 
-@sync_to_async
 def beat(started_at: datetime) -> None:
     SupervisorHeartbeat.objects.update_or_create(
         pk=1,
@@ -115,6 +115,5 @@ def beat(started_at: datetime) -> None:
     )
 
 
-@sync_to_async
 def clear_heartbeat() -> None:
     SupervisorHeartbeat.objects.filter(pk=1, pid=os.getpid()).delete()

@@ -1,0 +1,363 @@
+"""Starting and stopping instances: the reconcile rule and the life of one process.
+
+States: stopped -> starting -> running -> stopping -> stopped, plus backoff and failed.
+Every transition is in LEGAL below. A transition changes memory at once and queues its
+database write in the outbox: no step here ever waits on the database, so a locked or
+full database cannot kill, wedge or orphan an instance.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any
+
+from django.db.models import F
+from django.utils import timezone
+
+from instances import metrics
+from instances.supervisor import process, store
+from instances.supervisor.bridge import GOING_AWAY, RESTARTING
+from instances.supervisor.recovery import ChildRecord
+from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
+
+if TYPE_CHECKING:
+    from instances.supervisor.core import Supervisor
+
+log = logging.getLogger("tenement.supervisor")
+
+# old state -> the states it may move to. Anything else is a bug, logged loudly.
+LEGAL: dict[str, frozenset[str]] = {
+    State.STOPPED: frozenset({State.STARTING}),
+    # A failed spawn goes starting -> backoff/failed; a stop during the start, -> stopped.
+    State.STARTING: frozenset(
+        {State.RUNNING, State.STOPPING, State.STOPPED, State.BACKOFF, State.FAILED}
+    ),
+    State.RUNNING: frozenset({State.STOPPING, State.STOPPED, State.BACKOFF, State.FAILED}),
+    State.STOPPING: frozenset({State.STOPPED, State.BACKOFF, State.FAILED}),
+    State.BACKOFF: frozenset({State.STARTING, State.STOPPED}),
+    State.FAILED: frozenset({State.STOPPED, State.STARTING}),
+}
+
+FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
+MAX_HEALTH_TIMEOUT = 5.0
+UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
+
+
+class Lifecycle:
+    """Supervisor mixin: reconcile toward desired state; own each process until it exits."""
+
+    # ---- reconcile ------------------------------------------------------------------
+
+    def reconcile(self: Supervisor) -> bool:
+        """Start or stop whatever differs from desired state. Returns whether it acted."""
+        now = self.clock()
+        acted = False
+        for rt in list(self.runtimes.values()):
+            if rt.stop_in_flight:
+                continue
+            action = decide(rt, now)
+            if action == "start" and rt.has_process:
+                continue  # already starting or running, or its last exit is being recorded
+            if action == "start":
+                self.start(rt)
+            elif action == "stop":
+                self.request_stop(rt, "manual")
+            elif action == "restart":
+                rt.restart_pending = False
+                metrics.restarted(rt.key, "manual")
+                self.request_stop(rt, "restart")
+            elif action == "settle":
+                self.set_state(rt, State.STOPPED, "stopped", "desired stopped")
+            acted |= action is not None
+        return acted
+
+    # ---- one process ------------------------------------------------------------------
+
+    def start(self: Supervisor, rt: Runtime) -> asyncio.Task[None]:
+        """Begin a start attempt; the task owns the process until it exits."""
+        rt.stopping = rt.failure = None
+        rt.restart_pending = False
+        # A config change applies from the next start; this process keeps its own spec.
+        rt.proc_spec = rt.spec
+        rt.task = asyncio.create_task(self.lifecycle(rt), name=f"instance {rt.key}")
+        return rt.task
+
+    async def lifecycle(self: Supervisor, rt: Runtime) -> None:
+        try:
+            await self.run_process(rt)
+        except Exception as e:
+            # A bug here must not become a tight restart loop: treat it as a failed start.
+            log.exception(
+                "%s: internal error in its lifecycle",
+                rt.key,
+                extra={"event": "internal_error", "instance": rt.key},
+            )
+            if rt.proc is not None:
+                await process.terminate(rt.proc, rt.run_spec.stop_timeout)
+            self.handle_failure(rt, f"internal error: {e!r}")
+        finally:
+            if rt.proc is not None and rt.proc.returncode is not None:
+                self.pidfiles.clear(rt.pk)
+            rt.proc = None
+            rt.ready.clear()
+            rt.notify()
+            self.poke()
+
+    async def run_process(self: Supervisor, rt: Runtime) -> None:
+        """Spawn, gate on readiness, wait for the exit, then record what happened."""
+        proc = await self.spawn_process(rt)
+        if proc is None:
+            return
+        if await self.await_ready(rt, proc):
+            self.mark_running(rt)
+            await proc.wait()
+        elif rt.stopping is None and proc.returncode is None:
+            # (If it already exited, after_exit reports how: that is the real reason.)
+            rt.failure = f"not healthy within startup_timeout ({rt.run_spec.startup_timeout:g}s)"
+            await process.terminate(proc, rt.run_spec.stop_timeout)
+        code = await proc.wait()
+        self.pidfiles.clear(rt.pk)
+        self.after_exit(rt, code)
+
+    async def spawn_process(self: Supervisor, rt: Runtime) -> asyncio.subprocess.Process | None:
+        try:
+            # Room for the pid record first: a child we could not record must not run.
+            self.pidfiles.reserve(rt.pk)
+            proc = await process.spawn(rt.run_spec, rt.key.instance_id)
+        except (process.SpawnError, ValueError, OSError) as e:
+            self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
+            self.handle_failure(rt, _spawn_error(e))
+            return None
+        ticks = process.start_ticks(proc.pid)
+        try:
+            self.record_child(rt, proc.pid, ticks)
+        except OSError as e:
+            # Unrecorded, it could outlive a crash of ours unseen: it goes at once.
+            await process.terminate(proc, 0)
+            self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
+            self.handle_failure(rt, f"cannot record the process: {e}")
+            return None
+        rt.proc = proc
+        rt.started_at = self.clock()
+        self.attach_logs(rt, proc)
+        self.set_state(
+            rt,
+            State.STARTING,
+            "starting",
+            f"starting {rt.key} (pid {proc.pid})",
+            pid=proc.pid,
+            pid_create_time=ticks,
+            socket_path=rt.run_spec.socket_path(rt.key.instance_id),
+            started_at=timezone.now(),
+        )
+        if rt.stopping:  # a stop arrived while we were spawning
+            await process.terminate(proc, rt.run_spec.stop_timeout)
+        return proc
+
+    def record_child(self: Supervisor, rt: Runtime, pid: int, ticks: float | None) -> None:
+        """The durable record of a child, written before anything else about it."""
+        child = ChildRecord(rt.pk, str(rt.key), pid, ticks or 0.0, rt.run_spec.stop_timeout)
+        self.pidfiles.record(child)
+
+    def attach_logs(self: Supervisor, rt: Runtime, proc: asyncio.subprocess.Process) -> None:
+        self.logs.retention[rt.pk] = rt.run_spec.log_retention_lines
+        for name, pipe in (("stdout", proc.stdout), ("stderr", proc.stderr)):
+            if pipe is not None:
+                counted = metrics.log_line_counter(rt.key, name)
+                self.spawn_helper(self.logs.capture(rt.pk, name, pipe, counted))
+
+    async def await_ready(self: Supervisor, rt: Runtime, proc: asyncio.subprocess.Process) -> bool:
+        """Probe until the first healthy answer, the process exits, a stop, or the deadline."""
+        deadline = self.clock() + rt.run_spec.startup_timeout
+        delay = 0.002
+        exited = asyncio.create_task(proc.wait(), name=f"exit-watch {rt.key}")
+        try:
+            while not exited.done() and not rt.stopping:
+                left = deadline - self.clock()
+                if left <= 0:
+                    return False
+                result = await self.probe(rt, min(left, MAX_HEALTH_TIMEOUT))
+                if result.ok:
+                    return not rt.stopping  # a stop that arrived during the probe wins
+                # Wait for the process to exit or the next probe, whichever comes first.
+                await asyncio.wait([exited], timeout=min(delay, max(0.0, left)))
+                delay = min(delay * 1.5, self.probe_cap(rt))
+            return False
+        finally:
+            exited.cancel()
+
+    def probe_cap(self: Supervisor, rt: Runtime) -> float:
+        """Probe every 5 ms for the first 2 s: a request may be held on this wake, and
+        most apps are up within that; then every 50 ms, so a slow start costs little."""
+        return FAST_PROBE if self.clock() - rt.started_at < FAST_PROBE_FOR else SLOW_PROBE
+
+    def mark_running(self: Supervisor, rt: Runtime) -> None:
+        rt.last_activity = rt.activity_reported = self.clock()
+        rt.health_failures = 0
+        rt.health_ok = True
+        rt.next_health = self.clock() + self.settings.health_check_interval
+        took = (self.clock() - rt.started_at) * 1000
+        rt.ready.set()
+        self.bridge.ready(rt)
+        self.set_state(
+            rt,
+            State.RUNNING,
+            "ready",
+            f"ready in {took:.0f} ms (pid {rt.proc.pid if rt.proc else '?'})",
+            health_ok=True,
+            health_checked_at=timezone.now(),
+            last_activity=timezone.now(),
+            last_error="",
+        )
+
+    def after_exit(self: Supervisor, rt: Runtime, code: int) -> None:
+        self.bridge.down(rt)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(rt.run_spec.socket_path(rt.key.instance_id))
+        how = process.describe_exit(code)
+        if rt.stopping in EXPECTED_STOPS:
+            self.set_state(
+                rt,
+                State.STOPPED,
+                "stopped",
+                f"stopped ({rt.stopping}): {how}",
+                pid=None,
+                pid_create_time=None,
+                last_exit_code=code,
+            )
+            return
+        self.handle_failure(rt, rt.failure or f"crashed: {how}", last_exit_code=code)
+
+    def handle_failure(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
+        """A crash or failed start: back off and retry, or give up as failed."""
+        rt.failure = reason
+        delay = rt.policy.next_delay(self.clock())
+        fields.update(pid=None, pid_create_time=None, last_error=reason)
+        if delay is None:
+            log.error(
+                "%s failed: %s; restarted too often, giving up",
+                rt.key,
+                reason,
+                extra={"event": "failed", "instance": rt.key, "reason": reason},
+            )
+            self.bridge.down(rt, failed=True)
+            self.set_state(
+                rt,
+                State.FAILED,
+                "failed",
+                f"{reason}; more than {self.settings.max_restarts} restarts in "
+                f"{self.settings.restart_window:g}s: giving up until a manual start",
+                **fields,
+            )
+            return
+        rt.backoff_until = self.clock() + delay
+        # health_failed's failures start with UNHEALTHY; every other one is a crash.
+        metrics.restarted(rt.key, "health" if reason.startswith(UNHEALTHY) else "crash")
+        log.warning(
+            "%s: %s; restarting in %.2fs",
+            rt.key,
+            reason,
+            delay,
+            extra={
+                "event": "backoff",
+                "instance": rt.key,
+                "reason": reason,
+                "delay_s": round(delay, 3),
+            },
+        )
+        self.set_state(
+            rt,
+            State.BACKOFF,
+            "backoff",
+            f"{reason}; restarting in {delay:.2f}s",
+            restart_count=F("restart_count") + 1,
+            **fields,
+        )
+
+    # ---- stopping -----------------------------------------------------------------------
+
+    def request_stop(self: Supervisor, rt: Runtime, reason: str) -> asyncio.Task[None] | None:
+        """Stop an instance for `reason`; returns the task, or None if nothing to stop."""
+        if rt.stop_task is not None and not rt.stop_task.done():
+            return rt.stop_task
+        rt.stopping = reason
+        rt.ready.clear()
+        # Before the SIGTERM, so proxies close WebSockets cleanly rather than see a reset.
+        self.bridge.down(rt, code=RESTARTING if reason == "restart" else GOING_AWAY)
+        if rt.task is None or rt.task.done():
+            if rt.state == State.BACKOFF:
+                self.set_state(rt, State.STOPPED, "stopped", reason)
+            return None
+        rt.stop_task = asyncio.create_task(self.stop(rt, reason), name=f"stop {rt.key}")
+        return rt.stop_task
+
+    async def stop(self: Supervisor, rt: Runtime, reason: str) -> None:
+        # Take the process once: it may exit (and rt.proc be cleared) while we wait.
+        # With no process yet, spawn_process sees rt.stopping and stops what it starts.
+        proc = rt.proc
+        if proc is not None and proc.returncode is None:
+            if rt.state in (State.STARTING, State.RUNNING):
+                self.set_state(rt, State.STOPPING, "stopping", f"stopping ({reason})")
+            await process.terminate(proc, rt.run_spec.stop_timeout)
+        if rt.task is not None:
+            await rt.task
+        rt.notify()  # wakers waiting on a stop-in-flight re-check now
+
+    # ---- transitions ------------------------------------------------------------------
+
+    def set_state(
+        self: Supervisor, rt: Runtime, new: str, kind: str, message: str, **fields: Any
+    ) -> None:
+        """Move to `new` now, and queue the database's copy of it (never awaited)."""
+        old = self.enter_state(rt, new, message)
+        what = f"{rt.key} -> {new}"
+        self.outbox.put(what, store.transition, rt.pk, old, new, kind, message, **fields)
+
+    def enter_state(self: Supervisor, rt: Runtime, new: str, message: str) -> str:
+        """The in-memory half of a transition; returns the old state."""
+        old = rt.state
+        if old != new and new not in LEGAL[old]:
+            log.error(
+                "%s: illegal transition %s -> %s (%s)",
+                rt.key,
+                old,
+                new,
+                message,
+                extra={"event": "illegal_transition", "instance": rt.key, "from": old, "to": new},
+            )
+        rt.state = new
+        rt.notify()
+        pid = rt.proc.pid if rt.proc is not None else None
+        log.info(
+            "%s %s -> %s: %s",
+            rt.key,
+            old,
+            new,
+            message,
+            extra={"event": "state", "instance": rt.key, "from": old, "to": new, "pid": pid},
+        )
+        return old
+
+
+def decide(rt: Runtime, now: float) -> str | None:
+    """The reconcile rule for one instance with no stop in flight, as a pure function."""
+    if rt.state == State.FAILED:
+        return None
+    if rt.desired == Desired.STOPPED:
+        if rt.state in (State.RUNNING, State.STARTING):
+            return "stop"
+        return "settle" if rt.state == State.BACKOFF else None
+    if rt.state == State.RUNNING:
+        return "restart" if rt.restart_pending else None
+    if rt.state == State.BACKOFF and now < rt.backoff_until:
+        return None
+    return "start"
+
+
+def _spawn_error(e: Exception) -> str:
+    if isinstance(e, OSError) and not isinstance(e, process.SpawnError):
+        return f"cannot record the process: {e}"
+    return str(e)
