@@ -12,12 +12,15 @@ from collections.abc import Awaitable, Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
+from django.conf import settings
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 if TYPE_CHECKING:
     from instances.supervisor import Supervisor
 
 log = logging.getLogger("tenement.http")
+
+GOING_AWAY = 1001
 
 
 class CoalescingTransport:
@@ -142,10 +145,56 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
         try:
             await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
-            server.should_exit = True
             stopping.cancel()
-            await serving
+            await drain(server, serving, supervisor.force_event, settings.TENEMENT_DRAIN_TIMEOUT)
         if not supervisor.stop_event.is_set():
             raise RuntimeError("the HTTP server stopped unexpectedly")
 
     return serve
+
+
+async def drain(
+    server: uvicorn.Server, serving: asyncio.Task[None], force: asyncio.Event, timeout: float
+) -> None:
+    """Stop accepting, tell WebSocket clients 1001, give in-flight requests `timeout`
+    seconds (less if `force` is set: a second signal), then cut what is left.
+
+    Instances are still running meanwhile: the supervisor stops them after this returns.
+    """
+    if serving.done():
+        return
+    close_tenant_websockets(GOING_AWAY)
+    server.should_exit = True  # uvicorn closes its listening sockets within 0.1 s
+    forced = asyncio.create_task(force.wait(), name="tenement-http-force")
+    try:
+        await asyncio.wait([serving, forced], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        forced.cancel()
+    if serving.done():
+        return
+    state = server.server_state
+    log.warning(
+        "%s: cutting %d connections still open",
+        "second signal" if force.is_set() else f"drain deadline ({timeout:g}s) passed",
+        len(state.connections),
+        extra={"event": "drain_cut", "connections": len(state.connections)},
+    )
+    server.force_exit = True
+    for task in list(state.tasks):
+        task.cancel()
+    for connection in list(state.connections):
+        transport = getattr(connection, "transport", None)
+        if transport is not None:
+            transport.close()
+    await serving
+
+
+def close_tenant_websockets(code: int) -> None:
+    """Close every proxied WebSocket with `code` (1001: going away), before the server's
+    own shutdown would say 1012 (restart) to them."""
+    from proxy.state import existing
+
+    if (state := existing()) is not None:
+        for closers in list(state.closers.values()):
+            for close in list(closers):
+                close(code)

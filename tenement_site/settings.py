@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
@@ -34,6 +35,17 @@ def env_int(name: str, default: int) -> int:
     return int(value) if value else default
 
 
+def env_seconds(name: str, default: float, maximum: float) -> float:
+    value = os.environ.get(name)
+    try:
+        seconds = float(value) if value else default
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= maximum:
+        raise ImproperlyConfigured(f"{name}={value!r}: expected seconds from 0 to {maximum:g}")
+    return seconds
+
+
 TENEMENT_DATA_DIR = data_dir_from_env()
 ensure_data_dir(TENEMENT_DATA_DIR)
 TENEMENT_DOMAIN = (os.environ.get("TENEMENT_DOMAIN") or "localhost").lower().rstrip(".")
@@ -42,6 +54,9 @@ TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 # instance are held while it wakes (more get 503 with Retry-After).
 TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
+# On SIGTERM, in-flight requests get this many seconds to finish before they are cut
+# (a second signal cuts at once); then every instance is stopped.
+TENEMENT_DRAIN_TIMEOUT = env_seconds("TENEMENT_DRAIN_TIMEOUT", 10.0, maximum=3600)
 # The API: this many failed token checks from one address in a minute, then 429.
 TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 # Prometheus metrics at /metrics (README "Metrics"): off removes them from the hot path;

@@ -24,8 +24,8 @@ from instances import operations as ops
 from instances.ids import InstanceKey
 from instances.models import Event, Instance, LogLine, Service, SupervisorSettings
 from instances.supervisor import InstanceUnavailable, Supervisor
-from instances.supervisor.core import running_here
 from instances.supervisor.backoff import JITTER
+from instances.supervisor.core import running_here
 from instances.supervisor.runtime import Runtime
 from tests.conftest import TESTAPP
 
@@ -95,6 +95,8 @@ async def aevents(key: str, kind: str | None = None) -> list[Event]:
     if (sup := running_here()) is not None:
         assert await sup.outbox.flush(10)
     return await sync_to_async(events)(key, kind)
+
+
 KEY = InstanceKey("app", "alice")
 
 

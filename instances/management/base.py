@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+import contextlib
+import fcntl
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from django.conf import settings
@@ -14,6 +17,8 @@ from django.db.migrations.executor import MigrationExecutor
 
 from instances.ids import InstanceKey, InvalidName, parse_key
 from instances.operations import OperationError
+
+SETUP_LOCK_ID = 0x7465_6E65  # "tene": the advisory lock id of first-run set-up
 
 
 def key_arg(value: str) -> InstanceKey:
@@ -78,7 +83,34 @@ def pending_migrations() -> bool:
 
 
 def ensure_migrated(write: Any) -> None:
-    """Apply pending migrations, saying so; silent and quick when there are none."""
-    if pending_migrations():
-        write("Applying database migrations...")
-        call_command("migrate", interactive=False, verbosity=0)
+    """Apply pending migrations, saying so; silent and quick when there are none.
+
+    Two commands started together on a fresh data dir (runsupervisor and createtoken)
+    would both migrate, and one would crash on "table already exists": the set-up runs
+    under a lock, and the second one finds nothing left to do."""
+    if not pending_migrations():
+        return
+    with setup_lock():
+        if pending_migrations():  # again: whoever held the lock may have done it
+            write("Applying database migrations...")
+            call_command("migrate", interactive=False, verbosity=0)
+
+
+@contextlib.contextmanager
+def setup_lock() -> Iterator[None]:
+    """An exclusive lock for first-run set-up, held by one process at a time: an advisory
+    lock in PostgreSQL (processes may be on several hosts), else a file in the data dir."""
+    if connection.vendor == "postgresql":
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT pg_advisory_lock(%s)", [SETUP_LOCK_ID])
+            try:
+                yield
+            finally:
+                cursor.execute("SELECT pg_advisory_unlock(%s)", [SETUP_LOCK_ID])
+        return
+    with open(Path(settings.TENEMENT_DATA_DIR) / "setup.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # released by the kernel if we die holding it
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

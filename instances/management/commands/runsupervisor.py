@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import threading
+import time
 from typing import Any
 
 from django.conf import settings
@@ -14,6 +17,8 @@ from instances.supervisor import Supervisor
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_socket, event_loop_factory, http_task
+
+EXIT_GRACE = 1.0  # seconds the interpreter gets to exit once every instance is stopped
 
 
 class Command(BaseCommand):
@@ -74,9 +79,10 @@ class Command(BaseCommand):
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
             self.hint_login()
-        supervisor = Supervisor(extra_tasks=extra)
+        supervisor = Supervisor(extra_tasks=extra, drain_tasks=frozenset({"tenement-http"}))
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             code = runner.run(supervisor.run())
+        exit_now_if_stuck(code)
         if code:
             raise SystemExit(code)
 
@@ -98,3 +104,21 @@ class Command(BaseCommand):
         for line in report.lines():
             self.stdout.write(f"  {line}")
         self.stdout.write(f"  starting {started} instance(s) listed in [instances]")
+
+
+def exit_now_if_stuck(code: int) -> None:
+    """Every instance is stopped by now. A thread still inside a database call (asgiref's,
+    a dashboard query on a locked SQLite) is joined at interpreter exit and would hold it
+    for as long as the database does: a watchdog ends the process if exit takes longer."""
+    threading.Thread(
+        target=_exit_after, args=(code, EXIT_GRACE), name="tenement-exit-watchdog", daemon=True
+    ).start()
+
+
+def _exit_after(code: int, grace: float) -> None:
+    time.sleep(grace)  # a plain timer: nothing to wait on but the interpreter's own exit
+    logging.getLogger("tenement.supervisor").warning(
+        "exit held up by busy threads (database calls) for %gs; exiting now", grace
+    )
+    logging.shutdown()
+    os._exit(code)
