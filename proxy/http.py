@@ -11,6 +11,7 @@ from typing import Any
 from django.conf import settings
 
 from proxy import headers as h
+from proxy.client import ClientReader
 from proxy.responses import plain
 from proxy.session import Session
 from proxy.state import WakeRejected
@@ -24,6 +25,11 @@ log = logging.getLogger("tenement.proxy")
 # after an app exit only safe methods; on a stale pooled connection idempotent ones too.
 SAFE = frozenset({"GET", "HEAD", "OPTIONS"})
 IDEMPOTENT = SAFE | {"PUT", "DELETE"}
+# CONNECT cannot be forwarded over a Unix socket; TRACE would echo a client's cookies back.
+REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
+# A response head slower than this gets the client watched for leaving meanwhile (not
+# at once: most heads come within milliseconds, and a watcher costs a task).
+WATCH_HEAD_AFTER = 0.25
 
 
 class ClientGone(Exception):
@@ -32,6 +38,14 @@ class ClientGone(Exception):
 
 class BodyTooLarge(Exception):
     """The request body passed max_body_mb while streaming."""
+
+
+class Refused(Exception):
+    """A request refused before any work is done for it (a bad method, a bad length)."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
 
 
 class Exchange(Session):
@@ -45,12 +59,17 @@ class Exchange(Session):
         self.started = False
         self.body_started = False
         self.max_body = settings.TENEMENT_MAX_BODY_MB * 1024 * 1024
+        self.client = ClientReader(self.receive, str(self.key))
+        self.receive = self.client.receive
 
     async def run(self) -> None:
         # Lines logged while handling this request (a 502, a 504) carry its id and key.
         context = logctx.bind(self.rid, self.key)
         try:
+            self.precheck()
             await self.forward()
+        except Refused as e:
+            await self.fail(e.status, str(e))
         except WakeRejected as e:
             await self.fail(503, str(e), retry_after=e.retry_after)
         except BodyTooLarge:
@@ -62,7 +81,25 @@ class Exchange(Session):
         except ClientGone:
             pass
         finally:
+            await self.client.stop_watching()
             logctx.unbind(context)
+
+    def precheck(self) -> None:
+        """The refusals that cost nothing, before any wake or pooled connection: a
+        2 GB Content-Length to a sleeping tenant must not wake it."""
+        method = self.scope["method"]
+        if method in REFUSED_METHODS:
+            raise Refused(405, f"{method} is not forwarded to tenants")
+        fields = self.scope["headers"]
+        lengths = {v.strip() for n, v in fields if n == b"content-length"}
+        if not lengths:
+            return
+        if len(lengths) > 1 or not next(iter(lengths)).isdigit():
+            raise Refused(400, "malformed Content-Length")
+        if h.header(fields, b"transfer-encoding") is not None:
+            raise Refused(400, "both Content-Length and Transfer-Encoding")
+        if int(next(iter(lengths))) > self.max_body:
+            raise BodyTooLarge
 
     async def fail(self, status: int, detail: str, retry_after: int | None = None) -> None:
         if self.started:
@@ -106,8 +143,19 @@ class Exchange(Session):
         return not self.started and not self.body_started and self.scope["method"] in SAFE
 
     async def wake(self, suspect: str | None = None) -> str:
+        """Hold for the wake; a client that leaves meanwhile is dropped from it at once."""
         began = time.monotonic()
-        socket = await self.state.wake(self.key, self.target.wake_timeout, suspect)
+        waking = asyncio.create_task(
+            self.state.wake(self.key, self.target.wake_timeout, suspect), name=f"wake {self.key}"
+        )
+        self.client.watch(waking.cancel)
+        try:
+            socket = await waking
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self.client.gone and task is not None and not task.cancelling():
+                raise ClientGone from None  # the wake was cancelled for the client, not us
+            raise
         self.woke_ms = round((time.monotonic() - began) * 1000)
         return socket
 
@@ -177,18 +225,33 @@ class Exchange(Session):
         done, _ = await asyncio.wait([sender, conn.head], return_when=asyncio.FIRST_COMPLETED)
         if sender in done and sender.exception() is not None:
             raise sender.exception()  # type: ignore[misc]
-        return await self.head_within_timeout(conn)
+        return await self.head_within_timeout(conn, watch=sender.done())
 
-    async def head_within_timeout(self, conn: UpstreamConnection) -> tuple[int, h.Headers]:
-        # A plain timer on the future: asyncio.timeout's cancel/uncancel dance measured
+    async def head_within_timeout(
+        self, conn: UpstreamConnection, watch: bool = True
+    ) -> tuple[int, h.Headers]:
+        """The response head; `watch`: nothing else reads the client meanwhile, so watch
+        it for leaving (the exchange is then dropped, not left to the timeout)."""
+        # Plain timers on the future: asyncio.timeout's cancel/uncancel dance measured
         # several µs per request on this path.
-        timer = asyncio.get_running_loop().call_later(
-            self.target.request_timeout, _expire, conn.head
-        )
+        loop = asyncio.get_running_loop()
+        timer = loop.call_later(self.target.request_timeout, _expire, conn.head)
+        watcher = None
+        if watch:
+
+            def abort() -> None:
+                conn.abort(ClientGone())
+
+            if self.client.watcher is not None:
+                self.client.watch(abort)  # already watching since the wake
+            else:
+                watcher = loop.call_later(WATCH_HEAD_AFTER, self.client.watch, abort)
         try:
             return await conn.head
         finally:
             timer.cancel()
+            if watcher is not None:
+                watcher.cancel()
 
     async def send_body(self, conn: UpstreamConnection, chunked: bool) -> None:
         total = 0
@@ -211,6 +274,8 @@ class Exchange(Session):
     # ---- the response -----------------------------------------------------------------------
 
     async def respond(self, conn: UpstreamConnection, status: int, headers: h.Headers) -> None:
+        if self.client.watcher is not None:
+            await self.client.stop_watching()  # from here, stream() watches the client
         # The ASGI server stamps its own Date; a second one from the app would duplicate it.
         out = [(n, v) for n, v in h.end_to_end(headers) if n.lower() != b"date"]
         if h.header(out, b"x-request-id") is None:

@@ -7,18 +7,25 @@ The proxy never reads the database per request. It keeps:
 - activity counters, sent to the supervisor in batches.
 
 Messages (channel layer; the in-memory layer in one process, Redis when scaled):
-  to "tenement.supervisor":  wake {key, reply}, activity {proxy, touched, open}
+  to "tenement.supervisor":  wake {key, reply, id}, activity {proxy, touched, open}
   to group "tenement.proxy": instance.ready {key, socket}, instance.down {key, code,
                              failed}, routes.changed
-  to one proxy's channel:    wake.ready {key, socket}, wake.unavailable {key, reason, failed,
-                             refused}
+  to one proxy's channel:    wake.ready {key, socket, id}, wake.unavailable {key, reason,
+                             failed, refused, timeout, id}
+
+A wake's replies carry its id, so a late reply to an old wake settles nothing newer. The
+requests held on a wake share one future; when the supervisor's wake runs out of time
+while some of them still have time left, the proxy asks again under a new id and they
+stay held (a rollover), rather than be failed by a wake they did not start.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
+import itertools
 import logging
 import time
 import weakref
@@ -40,6 +47,9 @@ log = logging.getLogger("tenement.proxy")
 
 ACTIVITY_INTERVAL = 0.25  # a request's activity reaches the supervisor within this
 OPEN_REPORT_INTERVAL = 2.0  # open-connection counts are re-sent this often (they expire)
+# Channel layers expire group membership (by default after a day): join again well before.
+MAX_REJOIN_INTERVAL = 3600.0
+_wake_ids = itertools.count(1)
 
 
 class WakeRejected(Exception):
@@ -56,10 +66,13 @@ class WakeRejected(Exception):
 @dataclass
 class PendingWake:
     future: asyncio.Future[str]
-    deadline: float
+    deadline: float  # when the supervisor's side of the current wake id gives up
+    id: str = ""
+    needed_until: float = 0.0  # the latest deadline of a request held on it
     held: int = 0
     began: float = 0.0
     counted: bool = False  # its outcome is in tenement_wakes_total (once per wake)
+    suspect: str | None = None
 
 
 class ProxyState:
@@ -81,6 +94,7 @@ class ProxyState:
         self.closers: dict[InstanceKey, set[Callable[[int], None]]] = {}
         self.max_held = settings.TENEMENT_MAX_HELD_REQUESTS
         self._tasks: list[asyncio.Task[None]] = []
+        self._resends: set[asyncio.Task[None]] = set()
         self._reload = asyncio.Event()
         self._started: asyncio.Future[None] | None = None
 
@@ -116,6 +130,7 @@ class ProxyState:
             ("tenement-proxy-listen", self.listen),
             ("tenement-proxy-activity", self.report_activity),
             ("tenement-proxy-routes", self.reload_routes),
+            ("tenement-proxy-rejoin", self.rejoin_group),
         ):
             self._tasks.append(asyncio.create_task(work(), name=name))
 
@@ -123,10 +138,25 @@ class ProxyState:
         self.table = snapshot
         self.running = dict(snapshot.running)
 
+    async def rejoin_group(self) -> None:
+        """Join the broadcast group again and again, well inside the layer's expiry, so
+        routes.changed and instance.down keep arriving after a day (or a Redis restart)."""
+        expiry = float(getattr(self.layer, "group_expiry", 86400) or 86400)
+        interval = max(0.5, min(MAX_REJOIN_INTERVAL, expiry / 4))
+        while True:
+            await asyncio.sleep(interval)  # a fixed period, not a poll
+            try:
+                await self.layer.group_add(PROXY_GROUP, self.channel)
+            except Exception as e:  # an unreachable layer: the next period tries again
+                log.warning("cannot re-join the proxy group: %s", e)
+                continue
+            # Anything sent while we were out of the group is lost: reload to be sure.
+            self._reload.set()
+
     async def close(self) -> None:
-        for task in self._tasks:
+        for task in [*self._tasks, *self._resends]:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*self._tasks, *self._resends, return_exceptions=True)
         if self.layer is not None and self.channel:
             await self.layer.group_discard(PROXY_GROUP, self.channel)
         self.pools.close()
@@ -146,13 +176,36 @@ class ProxyState:
             self._reload.set()
             return
         key = parse_key(message["key"])
+        if kind.startswith("wake.") and not self.is_current(key, message.get("id")):
+            return  # a late reply to a wake that has been settled or asked again since
         if kind in ("instance.ready", "wake.ready"):
             self.mark_ready(key, message["socket"])
         elif kind == "instance.down":
             self.mark_down(key, int(message.get("code", 1001)), bool(message.get("failed")))
+        elif kind == "wake.unavailable" and message.get("timeout") and self.roll_over(key):
+            return
         elif kind == "wake.unavailable":
             reason = message.get("reason", "unavailable")
             self.wake_failed(key, reason, message.get("failed"), bool(message.get("refused")))
+
+    def is_current(self, key: InstanceKey, wake_id: Any) -> bool:
+        pending = self.wakes.get(key)
+        return pending is not None and (wake_id is None or wake_id == pending.id)
+
+    def roll_over(self, key: InstanceKey) -> bool:
+        """The supervisor's wake ran out of time, but requests held on it have time left:
+        ask again under a new id, keeping them held. False if nobody needs it any more."""
+        pending = self.wakes[key]
+        now = time.monotonic()
+        if pending.held == 0 or pending.needed_until <= now:
+            return False
+        resend = asyncio.create_task(
+            self.resend_wake(key, pending, pending.needed_until - now),
+            name=f"tenement-proxy-rewake {key}",
+        )
+        self._resends.add(resend)
+        resend.add_done_callback(self._resends.discard)
+        return True
 
     def mark_ready(self, key: InstanceKey, socket: str) -> None:
         old = self.running.get(key)
@@ -208,24 +261,21 @@ class ProxyState:
             raise WakeRejected(f"{key} is failed (crash loop); start it manually", 30)
         pending = self.wakes.get(key)
         now = time.monotonic()
-        if pending is None or pending.future.done() or now > pending.deadline:
+        if pending is None or pending.future.done():
             pending = PendingWake(asyncio.get_running_loop().create_future(), now + timeout)
             pending.began = now
+            pending.suspect = suspect
             pending.future.add_done_callback(functools.partial(self.wake_settled, key, pending))
             self.wakes[key] = pending
-            message = {"type": "wake", "key": str(key), "reply": self.channel}
-            if suspect:
-                message["suspect"] = suspect
-            try:
-                await self.layer.send(SUPERVISOR_CHANNEL, message)
-            except Exception as e:  # a full or unreachable layer: fail this wake cleanly
-                log.warning("cannot ask the supervisor to wake %s: %s", key, e)
-                self.wake_failed(key, "the supervisor cannot be reached", False)
-                raise WakeRejected(f"cannot reach the supervisor to wake {key}") from None
+            await self.send_wake(key, pending, timeout)
+        elif now > pending.deadline:
+            # Its answer is overdue (a lost message): ask again; the held requests stay.
+            await self.send_wake(key, pending, timeout)
         if pending.held >= self.max_held:
             metrics.wake_finished(key, "rejected")
             raise WakeRejected(f"too many requests waiting for {key} to wake")
         pending.held += 1
+        pending.needed_until = max(pending.needed_until, now + timeout)
         try:
             async with asyncio.timeout(timeout):
                 return await asyncio.shield(pending.future)
@@ -236,6 +286,24 @@ class ProxyState:
             raise WakeRejected(f"{key} did not become ready within {timeout:g}s") from None
         finally:
             pending.held -= 1
+
+    async def send_wake(self, key: InstanceKey, pending: PendingWake, timeout: float) -> None:
+        """Send (or send again) the wake under a new id; the old id's replies are stale."""
+        pending.id = f"{self.channel}#{next(_wake_ids)}"
+        pending.deadline = time.monotonic() + timeout
+        message = {"type": "wake", "key": str(key), "reply": self.channel, "id": pending.id}
+        if pending.suspect:
+            message["suspect"] = pending.suspect
+        try:
+            await self.layer.send(SUPERVISOR_CHANNEL, message)
+        except Exception as e:  # a full or unreachable layer: fail this wake cleanly
+            log.warning("cannot ask the supervisor to wake %s: %s", key, e)
+            self.wake_failed(key, "the supervisor cannot be reached", False)
+            raise WakeRejected(f"cannot reach the supervisor to wake {key}") from None
+
+    async def resend_wake(self, key: InstanceKey, pending: PendingWake, timeout: float) -> None:
+        with contextlib.suppress(WakeRejected):  # send_wake has failed the held requests
+            await self.send_wake(key, pending, timeout)
 
     @staticmethod
     def wake_settled(key: InstanceKey, pending: PendingWake, future: asyncio.Future[str]) -> None:

@@ -18,6 +18,8 @@ from channels.layers import get_channel_layer
 
 from instances.ids import InvalidName, parse_key
 from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
+from instances.supervisor.runtime import State
+from instances.supervisor.wake import InstanceRefused, InstanceUnavailable, WakeTimedOut
 
 if TYPE_CHECKING:
     from instances.supervisor.core import Supervisor
@@ -103,9 +105,6 @@ class Bridge:
     async def answer_wake(
         self, key: Any, reply: str, suspect: str | None = None, wake_id: Any = None
     ) -> None:
-        from instances.supervisor.core import InstanceRefused, InstanceUnavailable
-        from instances.supervisor.runtime import State
-
         try:
             if suspect:
                 await self.sup.confirm_unreachable(key, suspect)
@@ -115,7 +114,8 @@ class Bridge:
             failed = current is not None and current.state == State.FAILED
             message = {"type": "wake.unavailable", "key": str(key), "reason": str(e), "id": wake_id}
             refused = isinstance(e, InstanceRefused)  # failed already: nothing was tried
-            self.post(reply, {**message, "failed": failed, "refused": refused})
+            timeout = isinstance(e, WakeTimedOut)  # still starting: it may be asked again
+            self.post(reply, {**message, "failed": failed, "refused": refused, "timeout": timeout})
             return
         ready = {"type": "wake.ready", "key": str(key), "socket": socket_of(rt), "id": wake_id}
         self.post(reply, ready)

@@ -26,6 +26,10 @@ class InstanceUnavailable(Exception):
     """A wake could not produce a running instance (unknown, failed, or timed out)."""
 
 
+class WakeTimedOut(InstanceUnavailable):
+    """Not ready within wake_timeout; the start goes on (a proxy may ask again)."""
+
+
 class InstanceRefused(InstanceUnavailable):
     """The instance was already failed: the wake did not try to start it."""
 
@@ -55,7 +59,7 @@ class Waker:
                     # A backoff is respected; the reconcile loop restarts it when due.
                     await changed.wait()
         except TimeoutError:
-            raise InstanceUnavailable(f"{key} not ready within {limit:g}s") from None
+            raise WakeTimedOut(f"{key} not ready within {limit:g}s") from None
         return rt
 
     def check_wake(self: Supervisor, rt: Runtime, key: InstanceKey, epoch: int) -> None:
