@@ -31,7 +31,7 @@ from instances.ids import InstanceKey
 from instances.models import SupervisorSettings
 from instances.supervisor import store
 from instances.supervisor.bridge import Bridge
-from instances.supervisor.desired import DesiredState
+from instances.supervisor.desired import DesiredState, StartupAborted
 from instances.supervisor.lifecycle import Lifecycle
 from instances.supervisor.logs import LogCollector
 from instances.supervisor.monitor import Monitor
@@ -108,6 +108,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
             try:
                 await self.startup()
                 return await self.serve()
+            except StartupAborted:
+                return 0  # nothing was started: there is nothing to stop
             finally:
                 await self.shutdown()
 

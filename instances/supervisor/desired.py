@@ -9,10 +9,11 @@ picking up changes, never the reconcile loop's starts, stops and restarts.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from django.db import DatabaseError
+from django.db import DatabaseError, OperationalError
 from django.utils import timezone
 
 from instances.ids import InstanceKey
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from instances.supervisor.core import Supervisor
 
 log = logging.getLogger("tenement.supervisor")
+T = TypeVar("T")
 
 SYNC_INTERVAL = 1.0  # other processes' changes take effect within this
 # updated_at is stamped before the writer commits; look back this far so a slow commit is
@@ -40,14 +42,36 @@ SETTINGS_FIELDS = (
 )
 
 
+class StartupAborted(Exception):
+    """A stop signal arrived while start-up waited for the database."""
+
+
 class DesiredState:
     """Supervisor mixin: load and follow desired state."""
 
     async def load(self: Supervisor) -> None:
-        self.settings = await self.reader.call(store.load_settings)
+        self.settings = await self.read(store.load_settings)
         self.watermark = timezone.now()
-        for row in await self.reader.call(store.load_instances):
+        for row in await self.read(store.load_instances):
             self.add_runtime(row)
+
+    async def read(self: Supervisor, query: Callable[[], T]) -> T:
+        """A start-up read: without desired state there is nothing to do, so a locked or
+        unreachable database is waited out (a signal still stops us meanwhile)."""
+        delay = 0.1
+        while True:
+            try:
+                return await self.reader.call(query)
+            except OperationalError as e:
+                log.warning(
+                    "database unavailable at start-up (%s); retrying",
+                    e,
+                    extra={"event": "database_error", "during": "start-up"},
+                )
+            await self.wait_for_wakeup(delay, wake=False)
+            if self.stop_event.is_set():
+                raise StartupAborted("stopped while waiting for the database")
+            delay = min(delay * 2, 2.0)
 
     async def desired_loop(self: Supervisor) -> None:
         while not self.stop_event.is_set():

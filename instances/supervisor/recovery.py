@@ -119,7 +119,7 @@ class Recovery:
         killed = await asyncio.gather(*(self.recover_child(c) for c in children))
         for child in children:
             self.pidfiles.clear(child.pk)
-        rows = await self.reader.call(store.leftovers)
+        rows = await self.read(store.leftovers)
         known = {c.pid for c in children}
         killed += await asyncio.gather(
             *(self.recover_row(row) for row in rows if row.pid not in known)
