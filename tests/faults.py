@@ -105,13 +105,11 @@ class FullDisk:
             sqlite3.connect(self.folder / "tenement.sqlite3", timeout=10)
         ) as db:
             db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-        with open(self.filler, "wb") as f, contextlib.suppress(OSError):
-            while True:
-                f.write(b"\0" * 65536)
-        with open(self.filler, "ab") as f, contextlib.suppress(OSError):
-            while True:  # the last partial block
-                f.write(b"\0" * 512)
-                f.flush()
+        with open(self.filler, "wb", buffering=0) as f:
+            for size in (1 << 20, 65536, 4096, 512):  # down to the last free block
+                with contextlib.suppress(OSError):
+                    while True:
+                        f.write(b"\0" * size)
 
     def free(self) -> None:
         with contextlib.suppress(FileNotFoundError):

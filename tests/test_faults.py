@@ -247,9 +247,8 @@ def test_defect_06_oversized_body_is_refused_before_any_wake(site: Site) -> None
     head = conn.recv(4096)
     conn.close()
     assert head.startswith(b"HTTP/1.1 413"), head
-    for method, expect in (("TRACE", 405), ("CONNECT", 405)):
-        status, _ = fetch_method(site, "app:alice", method)
-        assert status == expect
+    assert fetch_method(site, "app:alice", "TRACE")[0] == 405
+    assert fetch_method(site, "app:alice", "CONNECT")[0] in (400, 405)
     time.sleep(1)  # a wake, had one been sent, would have started it by now
     assert site.rows()["app:alice"]["state"] == "stopped"
     assert events(site, "app:alice", "starting") == 0
@@ -284,6 +283,7 @@ def test_defect_07_a_failing_running_write_does_not_kill_a_healthy_instance(
     site, disk = full_disk_site
     site.serve()
     register(site, "app:alice")
+    site.wait_for("its pid file", lambda: len(list(site.data.glob("run/pids/*.pid"))) == 1)
     disk.fill()
     assert fetch(site, "app:alice")[0] == 200
     pids = site.tenants()["app:alice"]

@@ -143,6 +143,7 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         try:
             done, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
             if self.stop_event.is_set():
+                self.end_wakes()
                 await self.drain(tasks)
         finally:
             for task in [*tasks, stopper]:
@@ -159,6 +160,12 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
                 extra={"event": "task_died", "task": task.get_name()},
             )
         return 1
+
+    def end_wakes(self) -> None:
+        """Wakes in flight answer now ("shutting down"), not at their timeout: their
+        requests are among those the drain is waiting for."""
+        for rt in self.runtimes.values():
+            rt.notify()
 
     async def drain(self, tasks: list[asyncio.Task[Any]]) -> None:
         """Let the drain tasks (the HTTP server) finish in-flight work while instances

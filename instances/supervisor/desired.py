@@ -107,10 +107,19 @@ class DesiredState:
             seen_version=row.updated_at,
         )
         rt.restart_pending = row.restart_requested
+        self.reserve_record(rt)
         self.runtimes[key] = rt
         self.by_pk[rt.pk] = rt
         self.bridge.routes_changed()
         return rt
+
+    def reserve_record(self: Supervisor, rt: Runtime) -> None:
+        """Room for its pid record now, while there is disk: a disk that fills up later
+        then still lets it start (the record is rewritten in place)."""
+        try:
+            self.pidfiles.reserve(rt.pk)
+        except OSError as e:
+            log.warning("%s: cannot reserve its pid file yet: %s", rt.key, e)
 
     def new_policy(self: Supervisor) -> RestartPolicy:
         s = self.settings
@@ -189,7 +198,8 @@ class DesiredState:
             extra={"event": "deregistered", "instance": rt.key},
         )
         self.cancel_wakes(rt, "deregistered")
-        self.request_stop(rt, "removed")
+        if self.request_stop(rt, "removed") is None and not rt.busy:
+            self.pidfiles.remove(rt.pk)  # else the lifecycle removes it after the exit
         self.by_pk.pop(rt.pk, None)
         if self.runtimes.get(rt.key) is rt:
             del self.runtimes[rt.key]

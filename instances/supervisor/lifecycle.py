@@ -101,6 +101,8 @@ class Lifecycle:
         finally:
             if rt.proc is not None and rt.proc.returncode is not None:
                 self.pidfiles.clear(rt.pk)
+            if self.by_pk.get(rt.pk) is not rt:  # deregistered: its record goes with it
+                self.pidfiles.remove(rt.pk)
             rt.proc = None
             rt.ready.clear()
             rt.notify()
