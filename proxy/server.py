@@ -138,6 +138,7 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
             proxy_headers=False,
         )
         server = EmbeddedServer(config)
+        await warm_up_proxy()
         host, port = sock.getsockname()[:2]
         log.info("serving http on %s:%d", host, port)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="tenement-uvicorn")
@@ -151,6 +152,19 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
             raise RuntimeError("the HTTP server stopped unexpectedly")
 
     return serve
+
+
+async def warm_up_proxy() -> None:
+    """Load the routing table now, not on the first tenant request: a database that
+    goes away later then costs routing nothing (the proxy keeps its snapshot)."""
+    from django.db import DatabaseError
+
+    from proxy.state import current
+
+    try:
+        await current()
+    except DatabaseError as e:  # the first request tries again
+        log.warning("cannot load the routing table yet: %s", e)
 
 
 async def drain(

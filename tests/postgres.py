@@ -28,9 +28,31 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class Cluster:
+    """A running throwaway cluster that a test can stop (as a crash would) and start."""
+
+    def __init__(self, pg_ctl: str, data: str, opts: str, log: str, url: str) -> None:
+        self.pg_ctl, self.data, self.opts, self.log, self.url = pg_ctl, data, opts, log, url
+
+    def stop_immediately(self) -> None:
+        run = {"check": True, "capture_output": True, "timeout": 60}
+        subprocess.run(_as_owner([self.pg_ctl, "-D", self.data, "-m", "immediate", "stop"]), **run)
+
+    def start(self) -> None:
+        cmd = [self.pg_ctl, "-D", self.data, "-o", self.opts, "-l", self.log, "-w", "start"]
+        subprocess.run(_as_owner(cmd), check=True, capture_output=True, timeout=60)
+
+
 @contextlib.contextmanager
 def cluster() -> Iterator[str]:
     """Start a cluster on a free loopback port; yield its base URL; always stop it."""
+    with controllable_cluster() as c:
+        yield c.url
+
+
+@contextlib.contextmanager
+def controllable_cluster() -> Iterator[Cluster]:
+    """cluster(), yielding a Cluster the test may stop and start again."""
     initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
     if not initdb or not pg_ctl:
         raise RuntimeError("PostgreSQL is not installed: run scripts/system-deps.sh test")
@@ -45,9 +67,11 @@ def cluster() -> Iterator[str]:
         _as_owner([pg_ctl, "-D", data, "-o", opts, "-l", f"{root}/log", "-w", "start"]), **run
     )
     try:
-        yield f"postgres://postgres@127.0.0.1:{port}"
+        yield Cluster(pg_ctl, data, opts, f"{root}/log", f"postgres://postgres@127.0.0.1:{port}")
     finally:
-        subprocess.run(_as_owner([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"]), **run)
+        # check=False: the test may have left it stopped.
+        stop = _as_owner([pg_ctl, "-D", data, "-m", "immediate", "-w", "stop"])
+        subprocess.run(stop, capture_output=True, timeout=60, check=False)
         shutil.rmtree(root, ignore_errors=True)
 
 

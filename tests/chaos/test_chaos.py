@@ -344,3 +344,68 @@ def test_wake_racing(site: Site, race: str) -> None:
         site.wait_for("no process", lambda: "slow:w" not in site.tenants(), timeout=10)
     else:
         site.wait_for("one copy", lambda: len(site.tenants().get("slow:w", [])) <= 1, 10)
+
+
+def test_postgresql_stopped_for_30s(short_tmp: Path) -> None:
+    try:
+        from tests import postgres
+
+        pg = postgres.controllable_cluster()
+        cluster = pg.__enter__()
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    site = Site(short_tmp, CONFIG, TENEMENT_DRAIN_TIMEOUT=str(DRAIN))
+    try:
+        url = postgres.create_database(cluster.url, "tenement_chaos")
+        site.env["DATABASE_URL"] = url
+        proc = site.serve()
+        register(site, "slow:w1")
+        site.wait_for("all running", lambda: pg_states(url, TENANTS) == ["running"] * 4, 30)
+        time.sleep(2)  # the supervisor's sync (1 s), then the proxy's table reload
+        with Load(site, clients=4) as load:
+            site.wait_for("requests to succeed", lambda: load.first_ok_after(0) is not None)
+            cluster.stop_immediately()
+            began = time.monotonic()
+            woken = wake_timed(site, "slow:w1")
+            time.sleep(max(0.0, OUTAGE - (time.monotonic() - began)))
+            during = [ok for at, ok in load.results if began <= at]
+            cluster.start()
+            try:
+                caught_up = site.wait_for(
+                    "the mirror to catch up",
+                    lambda: pg_states(url, ["slow:w1", *TENANTS]) == ["running"] * 5,
+                    timeout=30,
+                )
+            except AssertionError:
+                states = pg_states(url, ["slow:w1", *TENANTS])
+                raise AssertionError(f"wake: {woken}, states: {states}") from None
+        figure(
+            "PostgreSQL stopped 30 s",
+            requests=len(during),
+            ok_share=sum(during) / max(1, len(during)),
+            wake=f"{woken[0]}:{woken[1]:.2f}s",
+            mirror_caught_up_s=caught_up,
+        )
+        assert during and all(during)
+        assert woken[0] == 200
+        site.stop_within(proc, limit=DRAIN + STOP_TIMEOUT + 2)
+        assert site.tenants() == {}
+    finally:
+        site.cleanup()
+        pg.__exit__(None, None, None)
+
+
+def pg_states(url: str, keys: list[str]) -> list[str]:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=2) as conn:
+            rows = dict(
+                conn.execute(
+                    "SELECT s.name || ':' || i.instance_id, i.state FROM instances_instance i"
+                    " JOIN instances_service s ON s.id = i.service_id"
+                ).fetchall()
+            )
+    except psycopg.Error:
+        return []
+    return [rows.get(k, "") for k in keys]
