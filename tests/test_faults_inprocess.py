@@ -29,18 +29,19 @@ async def test_defect_09_stop_of_an_app_exiting_at_that_moment(short_tmp: Path) 
             # It dies now; the loop notices its exit only on a later turn, while the stop
             # below is already under way.
             os.killpg(rt.proc.pid, signal.SIGKILL)
-            await asyncio.wait_for(sup.halt(KEY), 10)  # no AttributeError
-            assert rt.state == "stopped" and rt.proc is None
-        assert await sup.outbox.flush(10)
-    kinds = await sync_to_async(list)(
-        Event.objects.filter(instance__instance_id="alice")
-        .order_by("id")
-        .values_list("to_state", flat=True)
-    )
+            await asyncio.wait_for(sup.request_stop(rt, "manual"), 10)  # no AttributeError
+        await asyncio.wait_for(sup.halt(KEY), 10)
+        assert rt.state == "stopped" and rt.proc is None
+    kinds = await sync_to_async(transitions)("alice")
     assert kinds[-1] == "stopped"
     # Never a "stopping" recorded after the "stopped" of the same stop.
     for before, after in itertools.pairwise(kinds):
         assert (before, after) != ("stopped", "stopping"), kinds
+
+
+def transitions(instance_id: str) -> list[str]:
+    rows = Event.objects.filter(instance__instance_id=instance_id).order_by("id")
+    return list(rows.values_list("to_state", flat=True))
 
 
 def read_state(instance_id: str) -> str:
