@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
 
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
@@ -45,11 +46,17 @@ TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
 # The API: this many failed token checks from one address in a minute, then 429.
 TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 # Prometheus metrics at /metrics (README "Metrics"): off removes them from the hot path;
-# per-instance adds an `instance` label (cost at 1,000 tenants in the README); require-token
-# asks loopback clients for a read token too (e.g. behind a reverse proxy on loopback).
+# per-instance adds an `instance` label (cost at 1,000 tenants in the README). /metrics and
+# /status always need a read token, except on the private `--metrics-bind` listener.
 TENEMENT_METRICS = env_bool("TENEMENT_METRICS", True)
 TENEMENT_METRICS_PER_INSTANCE = env_bool("TENEMENT_METRICS_PER_INSTANCE", False)
-TENEMENT_METRICS_REQUIRE_TOKEN = env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", False)
+if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
+    # Accepted before: open metrics on loopback. Tenants share loopback, so it is refused.
+    raise ImproperlyConfigured(
+        "TENEMENT_METRICS_REQUIRE_TOKEN=0 is no longer supported: tenants share loopback, so "
+        "it would show them every tenant's metrics; use `runsupervisor --metrics-bind "
+        "unix:/run/tenement/metrics.sock` (no token needed there) or a read token"
+    )
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 

@@ -17,6 +17,8 @@ REPO = Path(__file__).resolve().parent.parent
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: Unix socket paths must fit in 107 bytes."""
     path = Path(tempfile.mkdtemp(prefix="tt", dir="/tmp"))
+    # Tenants run as their own uids: they must be able to pass through to their folders.
+    path.chmod(0o711)
     try:
         yield path
     finally:
@@ -28,12 +30,24 @@ def no_leftover_children() -> Iterator[None]:
     """Every test must clean up the processes it started."""
     before = {p.pid for p in psutil.Process().children(recursive=True)}
     yield
-    leftovers = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+    leftovers = [
+        p
+        for p in psutil.Process().children(recursive=True)
+        if p.pid not in before and not _descends_from(p, before)
+    ]
     alive = [p for p in leftovers if _alive(p)]
     for p in alive:
         with contextlib.suppress(psutil.Error):
             p.kill()
     assert not alive, f"test left processes behind: {alive}"
+
+
+def _descends_from(p: psutil.Process, pids: set[int]) -> bool:
+    """Started by a process that outlives the test (a module-scoped supervisor's app)."""
+    try:
+        return any(parent.pid in pids for parent in p.parents())
+    except psutil.Error:
+        return False
 
 
 def _alive(p: psutil.Process) -> bool:

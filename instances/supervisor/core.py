@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import weakref
 from collections.abc import Awaitable, Callable
@@ -21,10 +20,11 @@ from django.db import DatabaseError
 from django.utils import timezone
 
 from instances import metrics
+from instances.config import parse_uid_range
 from instances.ids import InstanceKey
 from instances.models import Instance, SupervisorSettings
 from instances.spec import ServiceSpec
-from instances.supervisor import health, process, store
+from instances.supervisor import health, isolation, process, store
 from instances.supervisor.backoff import RestartPolicy
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING, Bridge
 from instances.supervisor.logs import LogCollector
@@ -51,6 +51,7 @@ SHUTDOWN_SLACK = 5.0
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
 SUSPECT_PROBE_TIMEOUT = 1.0
 UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
+OOM = "oom: "  # how an out-of-memory kill's reason starts
 EXIT_NOTICE_TIMEOUT = 2.0
 
 
@@ -271,6 +272,7 @@ class Supervisor:
             seen_version=row.updated_at,
         )
         rt.restart_pending = row.restart_requested
+        rt.uid = row.uid
         self.runtimes[key] = rt
         self.by_pk[rt.pk] = rt
         self.bridge.routes_changed()
@@ -306,6 +308,7 @@ class Supervisor:
             "restart_window",
             "backoff_base_ms",
             "backoff_max_ms",
+            "uid_range",
         )
         if all(getattr(current, f) == getattr(self.settings, f) for f in fields):
             return False
@@ -433,6 +436,9 @@ class Supervisor:
                 await process.terminate(rt.proc, rt.run_spec.stop_timeout)
             await self.handle_failure(rt, f"internal error: {e!r}")
         finally:
+            if rt.cgroup is not None:  # an internal error skipped after_exit's clean-up
+                await asyncio.to_thread(rt.cgroup.remove)
+                rt.cgroup = None
             rt.proc = None
             rt.ready.clear()
             rt.notify()
@@ -457,12 +463,13 @@ class Supervisor:
         # Spawn before writing anything: a request may be held on this start, and the app
         # boots while the database records it.
         try:
-            proc = await process.spawn(rt.run_spec, rt.key.instance_id)
-        except (process.SpawnError, ValueError) as e:
+            launch = await process.spawn(rt.run_spec, rt.key.instance_id, self.uid_for(rt))
+        except (process.SpawnError, ValueError, OSError) as e:
             await self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
             await self.handle_failure(rt, str(e))
             return None
-        rt.proc = proc
+        rt.proc = proc = launch.proc
+        rt.cgroup = launch.cgroup
         rt.started_at = self.clock()
         self.attach_logs(rt, proc)
         message = f"starting {rt.key} (pid {proc.pid})"
@@ -477,6 +484,8 @@ class Supervisor:
             pid_create_time=process.start_ticks(proc.pid),
             socket_path=rt.run_spec.socket_path(rt.key.instance_id),
             started_at=timezone.now(),
+            uid=rt.uid,
+            isolation=launch.isolation,
         )
         # Not awaited: the readiness probes start now, not after a busy database (a log
         # flush can hold it for tens of ms) has taken the record. Writes reach the
@@ -538,12 +547,26 @@ class Supervisor:
             last_error="",
         )
 
+    def uid_for(self, rt: Runtime) -> int | None:
+        """The tenant's own uid (as root): stored with the row, else a stable new one."""
+        if rt.uid is None and isolation.host().root and not rt.run_spec.user:
+            taken = {r.uid for r in self.runtimes.values() if r.uid is not None}
+            uids = parse_uid_range(self.settings.uid_range)
+            rt.uid = isolation.allocate_uid(rt.pk, uids, taken)
+        return rt.uid
+
     async def after_exit(self, rt: Runtime, code: int) -> None:
         self.bridge.down(rt)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rt.run_spec.socket_path(rt.key.instance_id))
+        spec, group, rt.cgroup = rt.run_spec, rt.cgroup, None
+        # Off the loop: removing a cgroup waits for its killed leftovers to be reaped.
+        oom = await asyncio.to_thread(process.cleanup, spec, rt.key.instance_id, group)
+        code = isolation.exit_code(code, spec)
         how = process.describe_exit(code)
+        if oom and rt.stopping not in EXPECTED_STOPS:
+            rt.failure = f"{OOM}killed by the kernel at memory_limit_mb = {spec.memory_limit_mb}"
         if rt.stopping in EXPECTED_STOPS:
+            if not spec.storage_persist:
+                await asyncio.to_thread(process.wipe_data, spec, rt.key.instance_id)
             await self.set_state(
                 rt,
                 State.STOPPED,
@@ -581,7 +604,7 @@ class Supervisor:
             return
         rt.backoff_until = self.clock() + delay
         # health_failed's failures start with UNHEALTHY; every other one is a crash.
-        metrics.restarted(rt.key, "health" if reason.startswith(UNHEALTHY) else "crash")
+        metrics.restarted(rt.key, restart_reason(reason))
         log.warning(
             "%s: %s; restarting in %.2fs",
             rt.key,
@@ -882,6 +905,13 @@ class Supervisor:
             killed = 1
         await store.update(row.pk, state=state, pid=None, pid_create_time=None)
         return killed
+
+
+def restart_reason(reason: str) -> str:
+    """The `reason` label of tenement_restarts_total for a failure's message."""
+    if reason.startswith(UNHEALTHY):
+        return "health"
+    return "oom" if reason.startswith(OOM) else "crash"
 
 
 async def survive_database_errors(what: str, work: Awaitable[Any]) -> None:
