@@ -1,9 +1,7 @@
 # The two commands of the README:
 #   make run    set up ./.venv and run the demo (examples/tenement.toml) on 127.0.0.1:8000
 #   make test   set up ./.venv with the test extras, then ruff and the whole test suite
-# Debian's interpreter by default: tenants run as their own uids and must be able to run
-# the venv's python, which a per-user build (pyenv under /root, 0700) would hide from them.
-PYTHON ?= $(shell test -x /usr/bin/python3 && echo /usr/bin/python3 || echo python3)
+PYTHON ?= python3
 VENV := .venv
 BIND ?= 127.0.0.1:8000
 TEN := bench/.ten-venv/bin/ten

@@ -318,7 +318,9 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems += _check_socket_template(name, fields["socket"], spec)
     problems += _check_isolation(name, spec)
     for instance_id in ids:
-        sock = spec.socket_path(instance_id)
+        # Where the app binds, and (in a namespace) the host path the proxy connects to.
+        paths = {spec.app_socket_path(instance_id), spec.socket_path(instance_id)}
+        sock = max(paths, key=lambda p: len(os.fsencode(p)))
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             problems.append(
                 f"service.{name}.socket: {sock!r} for instance {instance_id!r} is longer than "
@@ -366,7 +368,7 @@ def _check_socket_template(name: str, template: str, spec: ServiceSpec) -> list[
     where = f"service.{name}.socket"
     if "{id}" not in template:
         return [f"{where}: must contain {{id}} so tenants never share a socket (got {template!r})"]
-    if not os.path.isabs(spec.socket_path("x")):
+    if not os.path.isabs(spec.app_socket_path("x")):
         return [
             f"{where}: must be an absolute path, e.g. {{data_dir}}/run/{{name}}-{{id}}.sock "
             f"(got {template!r})"

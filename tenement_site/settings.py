@@ -57,6 +57,8 @@ if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
         "it would show them every tenant's metrics; use `runsupervisor --metrics-bind "
         "unix:/run/tenement/metrics.sock` (no token needed there) or a read token"
     )
+# storage_quota_mb: how often each running tenant's data dir is measured (seconds).
+TENEMENT_STORAGE_CHECK_SECONDS = float(os.environ.get("TENEMENT_STORAGE_CHECK_SECONDS") or 60)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 

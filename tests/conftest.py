@@ -1,7 +1,10 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import sys
+import sysconfig
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,21 @@ import pytest
 
 TESTAPP = Path(__file__).parent / "apps" / "testapp.py"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _tenant_python() -> str:
+    """An interpreter tenants (their own uids) can run: the system's, not our venv's,
+    whose base may live in a private folder (pyenv under /root)."""
+    system = "/usr/bin/python3"
+    return system if os.access(system, os.X_OK) else sys.executable
+
+
+TENANT_PYTHON = _tenant_python()
+# A tenant app that needs our venv's packages (uvicorn): the system interpreter with
+# the venv's site-packages on its path (same Python minor version, same ABI).
+TENANT_UVICORN = (
+    f"/usr/bin/env PYTHONPATH={sysconfig.get_paths()['purelib']} {TENANT_PYTHON} -m uvicorn"
+)
 
 
 @pytest.fixture

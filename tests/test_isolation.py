@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from instances.supervisor import cgroups
+from tests.conftest import TENANT_PYTHON
 from tests.harness import Deployment, free_port, http_request, listening
 
 PROBE = Path(__file__).parent / "apps" / "probe.py"
@@ -36,37 +36,37 @@ health_check_interval = 1
 backoff_base_ms = 200
 
 [service.ns]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 
 [service.proc]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 isolation = "process"
 
 [service.cut]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 network = "none"
 
 [service.hog]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 memory_limit_mb = 64
 
 [service.bomb]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 pids_max = 40
 
 [service.light]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 cpu_shares = 100
 env = {{ PROBE_ONE_CPU = "1" }}
 
 [service.heavy]
-command = "{sys.executable} {PROBE}"
+command = "{TENANT_PYTHON} {PROBE}"
 health = "/health"
 cpu_shares = 300
 env = {{ PROBE_ONE_CPU = "1" }}

@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,7 +25,7 @@ from instances.models import Event, Instance, LogLine, Service, SupervisorSettin
 from instances.supervisor import InstanceUnavailable, Supervisor
 from instances.supervisor.backoff import JITTER
 from instances.supervisor.runtime import Runtime
-from tests.conftest import TESTAPP
+from tests.conftest import TENANT_PYTHON, TESTAPP
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -40,7 +39,7 @@ def make_service(
     fields.setdefault("stop_timeout", 2)
     return Service.objects.create(
         name=name,
-        command=f"{sys.executable} {TESTAPP}",
+        command=f"{TENANT_PYTHON} {TESTAPP}",
         data_dir=str(tmp / "data"),
         env=env or {},
         **fields,

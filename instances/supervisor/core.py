@@ -16,6 +16,7 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
 from typing import Any
 
+from django.conf import settings as django_settings
 from django.db import DatabaseError
 from django.utils import timezone
 
@@ -24,7 +25,7 @@ from instances.config import parse_uid_range
 from instances.ids import InstanceKey
 from instances.models import Instance, SupervisorSettings
 from instances.spec import ServiceSpec
-from instances.supervisor import health, isolation, process, store
+from instances.supervisor import health, isolation, process, storage, store
 from instances.supervisor.backoff import RestartPolicy
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING, Bridge
 from instances.supervisor.logs import LogCollector
@@ -125,6 +126,7 @@ class Supervisor:
             "tenement-reconcile": self.reconcile_loop,
             "tenement-health": self.health_loop,
             "tenement-log-flush": self.log_loop,
+            "tenement-storage": self.storage_loop,
             "tenement-bridge": self.bridge.run,
         }
         for name, make in self.extra_tasks.items():
@@ -193,6 +195,43 @@ class Supervisor:
         due = [rt.next_health - now for rt in self.runtimes.values() if self.health_applies(rt)]
         # New instances become due a full interval after they start, so `interval` is a safe cap.
         return max(0.01, min([interval, *due]))
+
+    async def storage_loop(self) -> None:
+        while not self.stop_event.is_set():
+            await survive_database_errors("storage check", self.check_storage())
+            interval = float(getattr(django_settings, "TENEMENT_STORAGE_CHECK_SECONDS", 60))
+            await self.wait_for_wakeup(interval, wake=False)
+
+    async def check_storage(self) -> bool:
+        """Measure the data dir of every running instance with a quota; record crossings
+        of 80% and 100%. Returns whether any level changed."""
+        changed = False
+        for rt in list(self.runtimes.values()):
+            quota = rt.run_spec.storage_quota_mb
+            if not quota or rt.state != State.RUNNING:
+                continue
+            folder = rt.run_spec.instance_dir(rt.key.instance_id)
+            used, complete = await asyncio.to_thread(storage.measure, folder)
+            mark = storage.level(used, quota)
+            if mark != rt.storage_level:
+                changed = True
+                rt.storage_level = mark
+                await self.storage_crossed(rt, mark, used, complete)
+        return changed
+
+    async def storage_crossed(self, rt: Runtime, mark: int, used: int, complete: bool) -> None:
+        quota = rt.run_spec.storage_quota_mb
+        size = f"{'at least ' if not complete else ''}{used / 2**20:.1f} MiB"
+        message = f"data dir uses {size} of storage_quota_mb = {quota} ({mark or 'below 80'}%)"
+        kind = {100: "storage_full", 80: "storage_high"}.get(mark, "storage_ok")
+        log.log(
+            logging.WARNING if mark else logging.INFO,
+            "%s: %s",
+            rt.key,
+            message,
+            extra={"event": kind, "instance": rt.key, "used_bytes": used},
+        )
+        await store.record_event(rt.pk, kind, message)
 
     async def log_loop(self) -> None:
         while not self.stop_event.is_set():

@@ -144,7 +144,7 @@ async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> 
     except IsolationUnavailable as e:
         raise SpawnError(str(e)) from None
     prepare_dirs(spec, instance_id, ident)
-    env = spec.environment(instance_id, _parent_env())
+    env = spec.environment(instance_id, _parent_env(ident))
     cwd = spec.cwd(instance_id)
     if not cwd.is_dir():
         raise SpawnError(f"workdir does not exist: {cwd}")
@@ -209,11 +209,16 @@ def wipe_data(spec: ServiceSpec, instance_id: str) -> None:
                     os.unlink(entry.path)
 
 
-def _parent_env() -> dict[str, str]:
+# A tenant with its own uid gets the system's PATH: the supervisor's may name folders only
+# it can enter (a virtualenv or pyenv under /root), and `python3` in a tenant's command
+# should be the system's, not tenement's own interpreter. A service's env may set PATH.
+TENANT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _parent_env(ident: Identity) -> dict[str, str]:
     env = dict(os.environ)
-    # `python3` in a command should find the interpreter tenement itself runs on.
-    bindir = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", os.defpath)])
+    if ident.uid is not None:
+        env["PATH"] = TENANT_PATH
     return env
 
 

@@ -35,6 +35,8 @@ class Runtime:
     cgroup: InstanceCgroup | None = None
     # The tenant's own uid (stored in its row), allocated on its first start as root.
     uid: int | None = None
+    # The last storage_quota_mb threshold crossed (0, 80 or 100 percent).
+    storage_level: int = 0
     task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
     # Why we are stopping it (one of EXPECTED_STOPS), or why we killed it (a failure).
