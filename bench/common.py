@@ -19,8 +19,10 @@ import psutil
 
 REPO = Path(__file__).resolve().parent.parent
 MANAGE = [sys.executable, str(REPO / "manage.py")]
-# The interpreter itself, not a venv or pyenv shim: every peer runs the apps with the same one.
-PYTHON = os.path.realpath(sys.executable)
+# The system's interpreter (tenants run as their own uids and cannot enter a pyenv under
+# /root), else ours; never a venv or pyenv shim: every peer runs the apps with the same one.
+PYTHON = "/usr/bin/python3" if os.access("/usr/bin/python3", os.X_OK) else sys.executable
+PYTHON = os.path.realpath(PYTHON)
 TEN_VERSION = "0.2.2"
 TEN_VENV = REPO / "bench" / ".ten-venv"
 

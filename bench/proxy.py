@@ -446,6 +446,8 @@ def ours_config(run: Run, tenants: list[str]) -> str:
     command = run.app_command("--tag", "{id}")
     return (
         f'[service.app]\ncommand = {json.dumps(command)}\nhealth = "/health"\n'
+        # The wake's own mechanics, like ten's "process" run; bench/isolation.py has the rest.
+        'isolation = "process"\n'
         f"idle_timeout = 3600\n\n[instances]\napp = {json.dumps(tenants)}\n"
     )
 

@@ -24,14 +24,13 @@ import signal
 import sqlite3
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from common import MANAGE, REPO, find_ten, log, register_ours, running_count, wait_for
+from common import MANAGE, PYTHON, REPO, find_ten, log, register_ours, running_count, wait_for
 
 APP = REPO / "examples" / "apps" / "counter.py"
 TCP_APP = REPO / "bench" / "apps" / "tcp_app.py"
@@ -51,14 +50,14 @@ def idle_cpu(proc: psutil.Process, windows: int, seconds: float) -> tuple[float,
 
 
 @contextlib.contextmanager
-def ours(root: Path) -> Iterator[tuple[psutil.Process, list[float]]]:
+def ours(root: Path, isolation: str) -> Iterator[tuple[psutil.Process, list[float]]]:
     root.mkdir()
     data = root / "data"
     config = root / "tenement.toml"
     ids = [f"t{i:04d}" for i in range(TENANTS)]
     config.write_text(
-        f'[service.app]\ncommand = "{sys.executable} {APP}"\nhealth = "/health"\n'
-        f"[instances]\napp = {json.dumps(ids)}\n"
+        f'[service.app]\ncommand = "{PYTHON} {APP}"\nhealth = "/health"\n'
+        f'isolation = "{isolation}"\n[instances]\napp = {json.dumps(ids)}\n'
     )
     manage = MANAGE
     log(f"ours: registering {TENANTS} tenants")
@@ -99,7 +98,7 @@ def sequential_starts(manage: list[str], data: Path, ids: list[str]) -> list[flo
 def upstream(root: Path, ten: str) -> Iterator[tuple[psutil.Process, list[float]]]:
     (root / "tenement.toml").write_text(
         f'[settings]\ndata_dir = "{root}/data"\n'
-        f'[service.app]\ncommand = "{sys.executable} {TCP_APP}"\nhealth = "/health"\n'
+        f'[service.app]\ncommand = "{PYTHON} {TCP_APP}"\nhealth = "/health"\n'
         # ten's Linux default, "namespace", unshares a PID namespace in which the threaded
         # tcp_app cannot start threads; its health checks would then fail.
         'idle_timeout = 0\nisolation = "process"\n'
@@ -138,16 +137,27 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--window-seconds", type=float, default=10)
     parser.add_argument("--ten", help="path to the upstream ten binary")
+    parser.add_argument(
+        "--isolation",
+        default="namespace",
+        choices=["process", "namespace"],
+        help="our tenants' isolation level (default namespace, our default)",
+    )
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="tb", dir="/tmp") as tmp:
-        with ours(Path(tmp) / "ours") as (proc, starts):
+        with ours(Path(tmp) / "ours", args.isolation) as (proc, starts):
             log("ours: settling 3 s, then measuring")
             time.sleep(3)
             cpu, rss = idle_cpu(proc, args.windows, args.window_seconds)
             log("ours: 10 sequential starts")
             ready = statistics.median(starts())
-            results["ours"] = (cpu, rss, ready, f"{TENANTS} registered, {RUNNING} running")
+            results["ours"] = (
+                cpu,
+                rss,
+                ready,
+                f"{TENANTS} registered, {RUNNING} running, isolation {args.isolation}",
+            )
         ten = find_ten(args.ten)
         if ten:
             (Path(tmp) / "up").mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import pwd
 import re
 import shutil
 import tomllib
@@ -19,9 +20,14 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from instances.ids import check_label
 from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
-from instances.spec import MAX_SOCKET_PATH, ServiceSpec
+from instances.spec import MAX_SOCKET_PATH, ServiceSpec, isolation_fields
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+UID_RANGE_RE = re.compile(r"(\d{1,10})-(\d{1,10})")
+CPU_MAX_RE = re.compile(r"(?:[1-9]\d{0,4}|0\.\d*[1-9]\d*|[1-9]\d{0,4}\.\d+)%")
+DEFAULT_UID_RANGE = "200000-265535"
+# Below this are system users, login users and (on most hosts) subordinate-id ranges.
+MIN_TENANT_UID = 100_000
 HEALTH_PATH_RE = re.compile(r"/[\x21-\x7e]*")
 
 # Built-in defaults for keys that [settings] may override per project.
@@ -88,8 +94,34 @@ class _Table(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False)
 
 
+def _uid_range(value: str) -> str:
+    parse_uid_range(value)
+    return value
+
+
+def parse_uid_range(value: str) -> range:
+    """'200000-265535' -> range(200000, 265536); the range must stay clear of system ids."""
+    match = UID_RANGE_RE.fullmatch(value.strip())
+    if not match:
+        raise ValueError('must be FIRST-LAST, e.g. "200000-265535"')
+    first, last = int(match[1]), int(match[2])
+    if not MIN_TENANT_UID <= first <= last < 2**32 - 1:
+        raise ValueError(
+            f"must lie within {MIN_TENANT_UID}-{2**32 - 2} with FIRST <= LAST, clear of "
+            "system and login users"
+        )
+    return range(first, last + 1)
+
+
+def _cpu_max(value: str) -> str:
+    if value and not CPU_MAX_RE.fullmatch(value):
+        raise ValueError('must be a percentage of one CPU, e.g. "50%" or "200%"')
+    return value
+
+
 class SettingsTable(_Table):
     data_dir: Text = ""
+    uid_range: Annotated[str, AfterValidator(_uid_range)] = DEFAULT_UID_RANGE
     health_check_interval: PositiveSeconds = 10
     max_restarts: NonNegativeInt = 3
     restart_window: PositiveSeconds = 300
@@ -102,10 +134,24 @@ class SettingsTable(_Table):
     log_retention_lines: PositiveInt | None = None
 
 
+def _absolute(value: str) -> str:
+    if not os.path.isabs(value) or ".." in Path(value).parts:
+        raise ValueError("must be an absolute path without '..'")
+    return value
+
+
 def _non_empty(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty")
     return value
+
+
+class MountTable(_Table):
+    """One [[service.NAME.mounts]] entry: a host folder bind-mounted into the sandbox."""
+
+    source: Annotated[Text, AfterValidator(_absolute)]
+    destination: Annotated[Text, AfterValidator(_absolute)]
+    readonly: bool = True
 
 
 class ServiceTable(_Table):
@@ -123,11 +169,17 @@ class ServiceTable(_Table):
     stop_timeout: PositiveSeconds = 10
     log_retention_lines: PositiveInt | None = None
     always_on: list[InstanceId] = []
-    isolation: Literal["process", "namespace", "sandbox"] = "process"
-    memory_limit_mb: PositiveInt | None = None
-    cpu_shares: PositiveInt | None = None
+    isolation: Literal["process", "namespace", "sandbox"] = "namespace"
+    network: Literal["host", "none"] = "host"
+    user: Annotated[str, Field(pattern=r"^[a-z_][a-z0-9_-]{0,31}$")] = ""
+    mounts: list[MountTable] = []
+    memory_limit_mb: Annotated[int, Field(ge=4, le=MAX_INT)] | None = None
+    # Upstream's name for cgroup v2 cpu.weight (1-10000, default 100).
+    cpu_shares: Annotated[int, Field(ge=1, le=10_000)] | None = None
+    cpu_max: Annotated[str, AfterValidator(_cpu_max)] = ""
+    pids_max: Annotated[int, Field(ge=1, le=4_194_304)] | None = None
     storage_quota_mb: PositiveInt | None = None
-    storage_persist: bool = False
+    storage_persist: bool = True
 
 
 class ConfigTables(_Table):
@@ -264,8 +316,11 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
     if fields.get("socket"):
         problems += _check_socket_template(name, fields["socket"], spec)
+    problems += _check_isolation(name, spec)
     for instance_id in ids:
-        sock = spec.socket_path(instance_id)
+        # Where the app binds, and (in a namespace) the host path the proxy connects to.
+        paths = {spec.app_socket_path(instance_id), spec.socket_path(instance_id)}
+        sock = max(paths, key=lambda p: len(os.fsencode(p)))
         if len(os.fsencode(sock)) > MAX_SOCKET_PATH:
             problems.append(
                 f"service.{name}.socket: {sock!r} for instance {instance_id!r} is longer than "
@@ -274,11 +329,46 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
     return problems
 
 
+def _check_isolation(name: str, spec: ServiceSpec) -> list[str]:
+    """What no host could provide as written; host capabilities are checked at start."""
+    from instances.supervisor.isolation import SANDBOX_UNSUPPORTED
+
+    where = f"service.{name}"
+    problems = []
+    if spec.isolation == "sandbox":
+        problems.append(f"{where}.isolation: {SANDBOX_UNSUPPORTED} (got 'sandbox')")
+    if spec.isolation == "process":
+        if spec.network != "host":
+            problems.append(
+                f"{where}.network: network = {spec.network!r} needs isolation = namespace "
+                "(a network namespace); got isolation = 'process'"
+            )
+        if spec.mounts:
+            problems.append(
+                f"{where}.mounts: mounts need isolation = namespace (a mount namespace); "
+                "got isolation = 'process'"
+            )
+    if spec.user:
+        try:
+            pwd.getpwnam(spec.user)
+        except KeyError:
+            problems.append(f"{where}.user: no such user on this host (got {spec.user!r})")
+    for source, destination, _ in spec.mounts:
+        if not os.path.exists(source):
+            problems.append(f"{where}.mounts: source {source!r} does not exist")
+        if Path(destination).is_relative_to(spec.data_dir) or destination in ("/", "/proc"):
+            problems.append(
+                f"{where}.mounts: destination {destination!r} would cover the data root or a "
+                "system folder"
+            )
+    return problems
+
+
 def _check_socket_template(name: str, template: str, spec: ServiceSpec) -> list[str]:
     where = f"service.{name}.socket"
     if "{id}" not in template:
         return [f"{where}: must contain {{id}} so tenants never share a socket (got {template!r})"]
-    if not os.path.isabs(spec.socket_path("x")):
+    if not os.path.isabs(spec.app_socket_path("x")):
         return [
             f"{where}: must be an absolute path, e.g. {{data_dir}}/run/{{name}}-{{id}}.sock "
             f"(got {template!r})"
@@ -298,6 +388,7 @@ def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:
         workdir=fields.get("workdir", ""),
         config_dir=fields.get("config_dir", ""),
         inherit_env=fields.get("inherit_env", False),
+        **isolation_fields(fields),
     )
 
 

@@ -6,7 +6,7 @@ is alive: the one in this process (embedded runsupervisor), or else a fresh hear
 
 /status is for operators: instances by service and state, the proxy's open connections
 and wakes in flight, the last errors, version and uptime. Who may read it is /metrics'
-rule (instances/metrics_view.refusal): loopback, or a fleet-wide read-scope token.
+rule (instances/metrics_view.refusal): the private listener, or a fleet-wide read-scope token.
 """
 
 from __future__ import annotations
@@ -252,7 +252,7 @@ def version() -> str:
 
 @require_safe
 async def status(request: HttpRequest) -> JsonResponse:
-    # The same rule as /metrics: open on loopback, else a fleet-wide read token.
+    # The same rule as /metrics: the private listener, else a fleet-wide read token.
     if (refused := await sync_to_async(metrics_view.refusal)(request)) is not None:
         return refused
     try:

@@ -94,7 +94,8 @@ class Metrics:
         self.restarts = Counter(
             "tenement_restarts_total",
             "Restarts by reason: crash (an exit nobody asked for, or a failed start), "
-            "health (failed health checks), manual (operator restart).",
+            "health (failed health checks), manual (operator restart), oom (killed by the "
+            "kernel at the service's memory_limit_mb).",
             [*who, "reason"],
         )
         self.health_failures = Counter(

@@ -1,8 +1,10 @@
-"""GET /metrics on the control host: open to loopback, a read token from anywhere else."""
+"""GET /metrics on the control host: a read token, or the private metrics listener.
+
+Loopback is no credential: tenants share it. Only requests that arrived on the listener
+of `runsupervisor --metrics-bind` (which tenants cannot reach) are let in without a token.
+"""
 
 from __future__ import annotations
-
-import ipaddress
 
 from django.conf import settings
 from django.db import DatabaseError
@@ -22,17 +24,14 @@ def plain(status: int, text: str, **headers: str) -> HttpResponse:
     return response
 
 
-def is_loopback(address: str) -> bool:
-    try:
-        return ipaddress.ip_address(address).is_loopback
-    except ValueError:
-        return False
+# Set in the ASGI scope by proxy.server.private_listener for the --metrics-bind listener.
+PRIVATE_LISTENER = "tenement.private_listener"
 
 
 def refusal(request: HttpRequest) -> HttpResponse | None:
     """None if the caller may read the metrics, else the answer to give it."""
     address = request.META.get("REMOTE_ADDR") or "unknown"
-    if is_loopback(address) and not settings.TENEMENT_METRICS_REQUIRE_TOKEN:
+    if getattr(request, "scope", {}).get(PRIVATE_LISTENER):
         return None
     challenge = {"WWW-Authenticate": 'Bearer realm="tenement"'}
     scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")

@@ -34,12 +34,19 @@ class Service(models.Model):
     wake_timeout = models.FloatField(default=30)
     stop_timeout = models.FloatField(default=10)
     log_retention_lines = models.PositiveIntegerField(default=10_000)
-    # Accepted now, enforced by later work (isolation and limits).
-    isolation = models.CharField(max_length=32, default="process")
+    # Isolation and limits (README "Security"): enforced at spawn, or the start fails.
+    isolation = models.CharField(max_length=32, default="namespace")
+    network = models.CharField(max_length=8, default="host")
+    user = models.CharField(
+        max_length=32, blank=True, help_text="Run as this user; blank = own uid."
+    )
+    mounts = models.JSONField(default=list, blank=True)
     memory_limit_mb = models.PositiveIntegerField(null=True, blank=True)
     cpu_shares = models.PositiveIntegerField(null=True, blank=True)
+    cpu_max = models.CharField(max_length=8, blank=True, help_text='e.g. "50%" of one CPU.')
+    pids_max = models.PositiveIntegerField(null=True, blank=True)
     storage_quota_mb = models.PositiveIntegerField(null=True, blank=True)
-    storage_persist = models.BooleanField(default=False)
+    storage_persist = models.BooleanField(default=True)
     # Where the definition came from, so a config reload never clobbers API-made services.
     source = models.CharField(max_length=255, blank=True)
     config_dir = models.TextField(blank=True)
@@ -62,6 +69,8 @@ class SupervisorSettings(models.Model):
     restart_window = models.FloatField(default=300)
     backoff_base_ms = models.PositiveIntegerField(default=1000)
     backoff_max_ms = models.PositiveIntegerField(default=60_000)
+    # Tenants' own uids come from this range when the supervisor runs as root.
+    uid_range = models.CharField(max_length=32, default="200000-265535")
     config_path = models.TextField(blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -101,6 +110,9 @@ class Instance(models.Model):
     # With pid, identifies our process across a supervisor crash even if the pid is reused.
     pid_create_time = models.FloatField(null=True, blank=True)
     socket_path = models.TextField(blank=True)
+    # The tenant's own uid (stable: its data dir belongs to it) and how it last ran.
+    uid = models.IntegerField(null=True, blank=True, unique=True)
+    isolation = models.CharField(max_length=200, blank=True)
     started_at = models.DateTimeField(null=True, blank=True)
     last_activity = models.DateTimeField(null=True, blank=True)
     restart_count = models.PositiveIntegerField(default=0)

@@ -42,6 +42,19 @@ class ServiceSpec:
     wake_timeout: float = 30
     stop_timeout: float = 10
     log_retention_lines: int = 10_000
+    isolation: str = "process"
+    network: str = "host"
+    user: str = ""
+    # (source, destination, readonly) bind mounts into the namespace.
+    mounts: tuple[tuple[str, str, bool], ...] = ()
+    memory_limit_mb: int | None = None
+    cpu_shares: int | None = None
+    cpu_max: str = ""
+    pids_max: int | None = None
+    storage_quota_mb: int | None = None
+    storage_persist: bool = True
+    # The tenement.toml that defined the service: hidden from its tenants.
+    config_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @classmethod
@@ -63,6 +76,7 @@ class ServiceSpec:
             wake_timeout=service.wake_timeout,
             stop_timeout=service.stop_timeout,
             log_retention_lines=service.log_retention_lines,
+            **isolation_fields(service.__dict__),
         )
 
     def values(self, instance_id: str, socket: str | None = None) -> dict[str, str]:
@@ -76,16 +90,38 @@ class ServiceSpec:
             values["socket"] = socket
         return values
 
-    def socket_path(self, instance_id: str) -> str:
+    def app_socket_path(self, instance_id: str) -> str:
+        """Where the app binds: $SOCKET_PATH and {socket}, as the app sees its filesystem."""
         if self.socket:
             return interpolate(self.socket, self.values(instance_id))
         return default_socket_path(self.data_dir, self.name, instance_id)
+
+    def socket_path(self, instance_id: str) -> str:
+        """Where the supervisor and the proxy connect: the same file, seen from the host.
+
+        A socket folder shared by every tenant (e.g. /tmp/{name}-{id}.sock) would let
+        tenants squat or reach each other's sockets; in a namespace the instance gets a
+        folder of its own mounted over the shared one, so the host path differs.
+        """
+        path = self.app_socket_path(instance_id)
+        if self.isolation == "process" or self.socket_dir_is_private():
+            return path
+        return os.path.join(self.private_socket_dir(instance_id), os.path.basename(path))
+
+    def socket_dir_is_private(self) -> bool:
+        """Whether each instance's socket lives in a folder of its own (it names the id)."""
+        a = os.path.dirname(self.app_socket_path("a"))
+        return a != os.path.dirname(self.app_socket_path("b"))
+
+    def private_socket_dir(self, instance_id: str) -> str:
+        """The host folder mounted over a shared socket folder inside the namespace."""
+        return os.path.dirname(default_socket_path(self.data_dir, self.name, instance_id))
 
     def instance_dir(self, instance_id: str) -> Path:
         return Path(self.data_dir) / self.name / instance_id
 
     def argv(self, instance_id: str) -> list[str]:
-        values = self.values(instance_id, self.socket_path(instance_id))
+        values = self.values(instance_id, self.app_socket_path(instance_id))
         # Split before interpolating so a data_dir with spaces stays one argument.
         words = [self.command, *self.args] if self.args else shlex.split(self.command)
         return [interpolate(word, values) for word in words]
@@ -99,7 +135,7 @@ class ServiceSpec:
     def environment(self, instance_id: str, parent: dict[str, str] | None = None) -> dict[str, str]:
         """The child's whole environment: never the supervisor's secrets unless inherit_env."""
         parent = dict(os.environ if parent is None else parent)
-        socket = self.socket_path(instance_id)
+        socket = self.app_socket_path(instance_id)
         env = (
             dict(parent)
             if self.inherit_env
@@ -117,14 +153,40 @@ class ServiceSpec:
 
 
 def default_socket_path(data_dir: str, name: str, instance_id: str) -> str:
-    """{data_dir}/run/{name}-{id}.sock, shortened by hashing when it would not fit sun_path."""
-    path = os.path.join(data_dir, "run", f"{name}-{instance_id}.sock")
+    """{data_dir}/run/{name}-{id}/app.sock, shortened by hashing when it would not fit
+    sun_path. The folder is the instance's own, so only its uid (and we) can enter it."""
+    path = os.path.join(data_dir, "run", f"{name}-{instance_id}", "app.sock")
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path
     digest = hashlib.sha256(f"{name}:{instance_id}".encode()).hexdigest()[:20]
-    path = os.path.join(data_dir, "run", f"{digest}.sock")
+    path = os.path.join(data_dir, "run", digest, "app.sock")
     if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
         return path
     # A very deep data_dir: fall back to a per-data-dir folder under the temp dir.
     base = hashlib.sha256(os.fsencode(data_dir)).hexdigest()[:12]
-    return os.path.join(tempfile.gettempdir(), f"tenement-{base}", f"{digest}.sock")
+    return os.path.join(tempfile.gettempdir(), f"tenement-{base}", digest, "app.sock")
+
+
+ISOLATION_FIELDS = (
+    "isolation",
+    "network",
+    "user",
+    "memory_limit_mb",
+    "cpu_shares",
+    "cpu_max",
+    "pids_max",
+    "storage_quota_mb",
+    "storage_persist",
+)
+
+
+def isolation_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    """The isolation and limit keys of a service (model or config fields) for the spec."""
+    out = {k: fields[k] for k in ISOLATION_FIELDS if k in fields and fields[k] is not None}
+    out["mounts"] = tuple(
+        (m["source"], m["destination"], bool(m.get("readonly", True)))
+        for m in fields.get("mounts") or ()
+    )
+    source = fields.get("source") or ""
+    out["config_file"] = source if os.path.isabs(source) else ""
+    return out

@@ -16,6 +16,7 @@ SETTINGS_FIELDS = (
     "restart_window",
     "backoff_base_ms",
     "backoff_max_ms",
+    "uid_range",
 )
 
 

@@ -114,11 +114,68 @@ def bind_socket(bind: str) -> socket.socket:
     return sock
 
 
-def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
-    """A Supervisor task that serves the ASGI app on `sock` until the supervisor stops."""
+def bind_private_socket(bind: str) -> socket.socket:
+    """The --metrics-bind listener: `unix:PATH` (0600, tenants cannot reach it) or
+    HOST:PORT (reachable by tenants with network = host: say so at start)."""
+    if not bind.startswith("unix:"):
+        return bind_socket(bind)
+    path = bind.removeprefix("unix:")
+    if not os.path.isabs(path):
+        raise ValueError(f"invalid --metrics-bind {bind!r}: expected unix:/absolute/path")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)  # a stale socket from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)  # born 0600: no window in which another user may connect
+    try:
+        sock.bind(path)
+    except OSError as e:
+        sock.close()
+        raise OSError(e.errno, f"cannot listen on {bind}: {e.strerror}") from None
+    finally:
+        os.umask(old)
+    sock.listen(128)
+    sock.set_inheritable(False)
+    return sock
+
+
+PRIVATE_PATHS = ("/metrics", "/status", "/health")
+
+
+def private_listener(app: Any) -> Any:
+    """The ASGI app of the --metrics-bind listener: /metrics, /status and /health of the
+    control host without a token; nothing else."""
+    from django.conf import settings
+
+    from instances.metrics_view import PRIVATE_LISTENER
+
+    host = settings.TENEMENT_DOMAIN.encode()
+
+    async def serve(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].rstrip("/") not in PRIVATE_PATHS:
+            if scope["type"] == "http":
+                await send({"type": "http.response.start", "status": 404, "headers": []})
+                await send({"type": "http.response.body", "body": b"not found\n"})
+            return
+        headers = [(k, v) for k, v in scope["headers"] if k != b"host"]
+        scope = {**scope, PRIVATE_LISTENER: True, "headers": [(b"host", host), *headers]}
+        # Django wants a client address; a Unix socket has none.
+        scope.setdefault("client", None)
+        scope["client"] = scope["client"] or ("127.0.0.1", 0)
+        await app(scope, receive, send)
+
+    return serve
+
+
+def http_task(
+    sock: socket.socket, *, private: bool = False
+) -> Callable[[Supervisor], Awaitable[None]]:
+    """A Supervisor task that serves the ASGI app on `sock` until the supervisor stops
+    (with `private`, only the metrics listener's paths)."""
 
     async def serve(supervisor: Supervisor) -> None:
-        from tenement_site.asgi import application
+        from tenement_site.asgi import application as tenant_facing
+
+        application = private_listener(tenant_facing) if private else tenant_facing
 
         # Everything loaded so far (Django, the app registry) lives for the whole process:
         # move it out of the collector's sight so full collections stay short (p99).
@@ -138,9 +195,10 @@ def http_task(sock: socket.socket) -> Callable[[Supervisor], Awaitable[None]]:
             proxy_headers=False,
         )
         server = EmbeddedServer(config)
-        await warm_up_proxy()
-        host, port = sock.getsockname()[:2]
-        log.info("serving http on %s:%d", host, port)
+        if not private:
+            await warm_up_proxy()
+        name = sock.getsockname()
+        log.info("serving http%s on %s", " (metrics)" if private else "", name)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="tenement-uvicorn")
         stopping = asyncio.create_task(supervisor.stop_event.wait(), name="tenement-http-stop")
         try:

@@ -60,11 +60,19 @@ TENEMENT_DRAIN_TIMEOUT = env_seconds("TENEMENT_DRAIN_TIMEOUT", 10.0, maximum=360
 # The API: this many failed token checks from one address in a minute, then 429.
 TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 # Prometheus metrics at /metrics (README "Metrics"): off removes them from the hot path;
-# per-instance adds an `instance` label (cost at 1,000 tenants in the README); require-token
-# asks loopback clients for a read token too (e.g. behind a reverse proxy on loopback).
+# per-instance adds an `instance` label (cost at 1,000 tenants in the README). /metrics and
+# /status always need a read token, except on the private `--metrics-bind` listener.
 TENEMENT_METRICS = env_bool("TENEMENT_METRICS", True)
 TENEMENT_METRICS_PER_INSTANCE = env_bool("TENEMENT_METRICS_PER_INSTANCE", False)
-TENEMENT_METRICS_REQUIRE_TOKEN = env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", False)
+if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
+    # Accepted before: open metrics on loopback. Tenants share loopback, so it is refused.
+    raise ImproperlyConfigured(
+        "TENEMENT_METRICS_REQUIRE_TOKEN=0 is no longer supported: tenants share loopback, so "
+        "it would show them every tenant's metrics; use `runsupervisor --metrics-bind "
+        "unix:/run/tenement/metrics.sock` (no token needed there) or a read token"
+    )
+# storage_quota_mb: how often each running tenant's data dir is measured (seconds).
+TENEMENT_STORAGE_CHECK_SECONDS = float(os.environ.get("TENEMENT_STORAGE_CHECK_SECONDS") or 60)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 

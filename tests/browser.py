@@ -21,7 +21,7 @@ from pathlib import Path
 import psutil
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TENANT_PYTHON
 from tests.harness import Deployment, free_port, http_request
 
 HELLO = REPO / "tests" / "apps" / "hello.py"
@@ -45,18 +45,18 @@ backoff_base_ms = 100
 backoff_max_ms = 400
 
 [service.web]
-command = "{sys.executable} {HELLO}"
+command = "{TENANT_PYTHON} {HELLO}"
 health = "/health"
 idle_timeout = 2
 stop_timeout = 2
 
 [service.steady]
-command = "{sys.executable} {HELLO}"
+command = "{TENANT_PYTHON} {HELLO}"
 health = "/health"
 stop_timeout = 2
 
 [service.slow]
-command = "{sys.executable} {HELLO}"
+command = "{TENANT_PYTHON} {HELLO}"
 health = "/health"
 stop_timeout = 2
 env = {{ HELLO_START_DELAY = "4" }}

@@ -8,17 +8,16 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import TESTAPP
+from tests.conftest import TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port, http_request, listening
 
-APP = f"{sys.executable} {TESTAPP}"
+APP = f"{TENANT_PYTHON} {TESTAPP}"
 
 
 class Site(Deployment):
@@ -93,7 +92,7 @@ class FullDisk:
         self.folder = folder
         folder.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0700", "tmpfs", str(folder)],
+            ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m,mode=0711", "tmpfs", str(folder)],
             check=True,
             timeout=10,
         )

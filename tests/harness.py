@@ -71,6 +71,10 @@ class Deployment:
             )
             return {r["key"]: dict(r) for r in cur}
 
+    def query(self, statement: str, *params: Any) -> list[tuple[Any, ...]]:
+        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+            return list(db.execute(statement, params))
+
     def sql(self, statement: str, *params: Any) -> None:
         with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
             db.execute(statement, params)

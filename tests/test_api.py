@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,7 +16,7 @@ from rest_framework.test import APIClient
 
 from instances import tokens
 from instances.models import ApiToken, Event, Instance, LogLine, Service
-from tests.conftest import TESTAPP
+from tests.conftest import TENANT_PYTHON, TESTAPP
 
 pytestmark = [pytest.mark.django_db, pytest.mark.timeout(60)]
 
@@ -34,7 +33,7 @@ def world(tmp_path: Path, settings: Any) -> dict[str, Instance]:
     settings.TENEMENT_DATA_DIR = tmp_path
     service = Service.objects.create(
         name="notes",
-        command=f"{sys.executable} {TESTAPP}",
+        command=f"{TENANT_PYTHON} {TESTAPP}",
         data_dir=str(tmp_path),
         env={"SECRET": "hunter2"},
     )

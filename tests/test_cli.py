@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port, http_request, listening
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -28,13 +28,13 @@ backoff_base_ms = 100
 backoff_max_ms = 200
 
 [service.app]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 stop_timeout = 2
 env = {{ TESTAPP_LINES = "3" }}
 
 [service.crashy]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 env = {{ TESTAPP_EXIT_AFTER = "0", TESTAPP_EXIT_CODE = "1" }}
 

@@ -192,6 +192,45 @@ def test_upstream_example_config_loads(tmp_path: Path) -> None:
         ('[service.a]\nhealth = "/h"\n', "service.a.command: Field required"),
         ('[service.a]\ncommand = "python3"\nisolation = "vm"\n', "service.a.isolation"),
         (
+            '[service.a]\ncommand = "python3"\nisolation = "sandbox"\n',
+            "service.a.isolation: isolation = sandbox (gVisor) is not supported",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nisolation = "process"\nnetwork = "none"\n',
+            "service.a.network: network = 'none' needs isolation = namespace",
+        ),
+        ('[service.a]\ncommand = "python3"\nnetwork = "off"\n', "service.a.network"),
+        (
+            '[service.a]\ncommand = "python3"\nuser = "no-such-user-xyz"\n',
+            "service.a.user: no such user on this host",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\n[[service.a.mounts]]\nsource = "/nope-xyz"\n'
+            'destination = "/srv"\n',
+            "service.a.mounts: source '/nope-xyz' does not exist",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\n[[service.a.mounts]]\nsource = "/usr"\n'
+            'destination = "../etc"\n',
+            "service.a.mounts.0.destination: must be an absolute path",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\n[[service.a.mounts]]\nsource = "/usr"\n'
+            'destination = "/srv"\nmode = "rw"\n',
+            "service.a.mounts.0.mode: unknown key",
+        ),
+        (
+            '[service.a]\ncommand = "python3"\nisolation = "process"\n[[service.a.mounts]]\n'
+            'source = "/usr"\ndestination = "/srv"\n',
+            "service.a.mounts: mounts need isolation = namespace",
+        ),
+        ('[service.a]\ncommand = "python3"\ncpu_max = "fast"\n', "must be a percentage"),
+        ('[service.a]\ncommand = "python3"\ncpu_shares = 20000\n', "service.a.cpu_shares"),
+        ('[service.a]\ncommand = "python3"\nmemory_limit_mb = 1\n', "memory_limit_mb"),
+        ('[service.a]\ncommand = "python3"\npids_max = 0\n', "service.a.pids_max"),
+        ('[settings]\nuid_range = "1000-2000"\n', "settings.uid_range: must lie within"),
+        ('[settings]\nuid_range = "lots"\n', "settings.uid_range: must be FIRST-LAST"),
+        (
             "[settings]\nbackoff_base_ms = 5000\nbackoff_max_ms = 100\n",
             "backoff_base_ms: 5000 is larger than settings.backoff_max_ms",
         ),

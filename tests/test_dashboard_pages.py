@@ -180,6 +180,18 @@ def test_detail_shows_data_dir_and_size_and_the_tenant_url(
     assert text(find(bob, "dd", id="data-size")) == "not created yet"
 
 
+def test_detail_shows_how_the_instance_is_isolated(world: dict, staff: Client) -> None:
+    doc = page(staff.get("/instances/notes:alice/"))
+    assert text(find(doc, "dd", id="isolation")) == "namespace (not started yet)"
+    Instance.objects.filter(pk=world["alice"].pk).update(
+        isolation="namespace, uid 200001, network none, memory 64 MiB, cgroup v1", uid=200001
+    )
+    doc = page(staff.get("/instances/notes:alice/"))
+    assert text(find(doc, "dd", id="isolation")) == (
+        "namespace, uid 200001, network none, memory 64 MiB, cgroup v1"
+    )
+
+
 def test_dir_size_is_capped_and_does_not_follow_symlinks(tmp_path: Path) -> None:
     root, outside = tmp_path / "root", tmp_path / "outside"
     root.mkdir()

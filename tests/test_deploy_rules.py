@@ -8,14 +8,13 @@ import json
 import re
 import shutil
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port
 
 DEPLOY = REPO / "deploy"
@@ -155,7 +154,7 @@ def test_queries_name_only_the_issues_metrics() -> None:
 
 @pytest.fixture
 def live_metrics(short_tmp: Path) -> Iterator[str]:
-    config = f'[service.app]\ncommand = "{sys.executable} {TESTAPP}"\nhealth = "/health"\n'
+    config = f'[service.app]\ncommand = "{TENANT_PYTHON} {TESTAPP}"\nhealth = "/health"\n'
     d = Deployment(short_tmp, config + '[instances]\napp = ["alice"]\n')
     port = free_port()
     try:

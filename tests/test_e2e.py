@@ -9,7 +9,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import psutil
 import pytest
 
 from tests import postgres
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -28,12 +27,12 @@ health_check_interval = 0.5
 backoff_base_ms = 100
 
 [service.app]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 stop_timeout = 2
 
 [service.stubborn]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 stop_timeout = 1
 env = {{ TESTAPP_IGNORE_TERM = "1" }}

@@ -24,7 +24,7 @@ import pytest
 
 from instances.health import LagMonitor
 from tests import postgres
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port, http_request
 
 CONFIG = f"""
@@ -33,19 +33,19 @@ health_check_interval = 1
 backoff_base_ms = 100
 
 [service.app]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 idle_timeout = 120
 
 [service.slow]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 env = {{ TESTAPP_START_DELAY = "3" }}
 startup_timeout = 30
 wake_timeout = 30
 
 [service.crashy]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 env = {{ TESTAPP_EXIT_AFTER = "0", TESTAPP_EXIT_CODE = "1" }}
 

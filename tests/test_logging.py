@@ -17,7 +17,7 @@ from django.core.exceptions import ImproperlyConfigured
 
 from instances.ids import InstanceKey
 from tenement_site import logging as tlog
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port, http_request
 
 BADAPP = REPO / "tests" / "apps" / "badupstream.py"
@@ -26,12 +26,12 @@ CONFIG = f"""
 health_check_interval = 1
 
 [service.web]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 idle_timeout = 60
 
 [service.bad]
-command = "{sys.executable} {BADAPP}"
+command = "{TENANT_PYTHON} {BADAPP}"
 health = ""
 
 [instances]

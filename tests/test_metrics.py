@@ -26,12 +26,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TENANT_UVICORN, TESTAPP
 from tests.harness import Deployment, free_port, http_request, listening
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-APP = f"{sys.executable} {TESTAPP}"
+APP = f"{TENANT_PYTHON} {TESTAPP}"
 CONFIG = f"""
 [settings]
 health_check_interval = 1
@@ -307,7 +307,7 @@ def test_restart_reasons_crash_health_and_manual(metered: Metered) -> None:
 
 # ---- wakes that time out, fail or are rejected; open WebSockets ------------------------------
 
-WS_APP = f"{sys.executable} -m uvicorn --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
+WS_APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 # slow listens 4 s after it starts, past its 1 s wake_timeout; crashy exits at once, and
 # with max_restarts = 1 its second failed start makes it `failed`.
 WAKES_CONFIG = f"""

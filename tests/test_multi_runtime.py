@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TENANT_PYTHON
 from tests.harness import free_port
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
@@ -46,7 +46,7 @@ def node() -> str:
 
 def argv(runtime: str) -> list[str]:
     if runtime == "python":
-        return [sys.executable, str(EXAMPLE / "notes.py")]
+        return [TENANT_PYTHON, str(EXAMPLE / "notes.py")]
     return [node(), str(EXAMPLE / "notes.js")]
 
 

@@ -7,7 +7,6 @@ layer, as they do inside `runsupervisor`.
 from __future__ import annotations
 
 import asyncio
-import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,13 +20,13 @@ from instances.models import Instance, Service
 from instances.supervisor import Supervisor
 from proxy import state as proxy_state
 from tenement_site.asgi import application
-from tests.conftest import REPO
+from tests.conftest import REPO, TENANT_UVICORN
 from tests.test_supervisor import aevents, make_service, register, supervising
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
 UVICORN_APP = (
-    f"{sys.executable} -m uvicorn --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}} "
+    f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}} "
     "--log-level warning"
 )
 

@@ -25,12 +25,12 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection
 from websockets.sync.client import connect as ws_connect
 
-from tests.conftest import REPO, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TENANT_UVICORN, TESTAPP
 from tests.harness import Deployment, free_port, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-APP = f"{sys.executable} -m uvicorn --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
+APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [settings]
 health_check_interval = 1
@@ -46,14 +46,14 @@ wake_timeout = 10
 stop_timeout = 2
 
 [service.never]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 env = {{ TESTAPP_HEALTH = "fail" }}
 startup_timeout = 30
 wake_timeout = 1.5
 
 [service.crashy]
-command = "{sys.executable} {TESTAPP}"
+command = "{TENANT_PYTHON} {TESTAPP}"
 health = "/health"
 env = {{ TESTAPP_EXIT_AFTER = "0", TESTAPP_EXIT_CODE = "1" }}
 

@@ -39,7 +39,7 @@ def test_interpolation_of_every_placeholder() -> None:
         "notes",
     ]
     env = s.environment("alice", PARENT_ENV)
-    assert env["SOCK"] == "/srv/t/run/notes-alice.sock" == env["SOCKET_PATH"]
+    assert env["SOCK"] == "/srv/t/run/notes-alice/app.sock" == env["SOCKET_PATH"]
     assert env["CFG"] == "/etc/ten/x"
 
 
@@ -65,7 +65,7 @@ def test_environment_is_clean_and_identifies_the_instance() -> None:
 def test_inherit_env_passes_the_parent_environment() -> None:
     env = spec(inherit_env=True).environment("alice", PARENT_ENV)
     assert env["AWS_SECRET"] == "k"
-    assert env["SOCKET_PATH"] == "/srv/t/run/notes-alice.sock"
+    assert env["SOCKET_PATH"] == "/srv/t/run/notes-alice/app.sock"
 
 
 def test_env_cannot_override_socket_or_identity_but_can_set_data_dir() -> None:
@@ -73,7 +73,7 @@ def test_env_cannot_override_socket_or_identity_but_can_set_data_dir() -> None:
         env=(("SOCKET_PATH", "/evil"), ("INSTANCE_ID", "bob"), ("DATA_DIR", "{data_dir}/{id}"))
     )
     env = s.environment("alice", PARENT_ENV)
-    assert env["SOCKET_PATH"] == "/srv/t/run/notes-alice.sock"
+    assert env["SOCKET_PATH"] == "/srv/t/run/notes-alice/app.sock"
     assert env["INSTANCE_ID"] == "alice"
     assert env["DATA_DIR"] == "/srv/t/alice"  # upstream configs set DATA_DIR this way
 

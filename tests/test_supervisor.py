@@ -9,7 +9,6 @@ import json
 import os
 import signal
 import stat
-import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -27,7 +26,7 @@ from instances.supervisor import InstanceUnavailable, Supervisor
 from instances.supervisor.backoff import JITTER
 from instances.supervisor.core import running_here
 from instances.supervisor.runtime import Runtime
-from tests.conftest import TESTAPP
+from tests.conftest import TENANT_PYTHON, TESTAPP
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -41,7 +40,7 @@ def make_service(
     fields.setdefault("stop_timeout", 2)
     return Service.objects.create(
         name=name,
-        command=f"{sys.executable} {TESTAPP}",
+        command=f"{TENANT_PYTHON} {TESTAPP}",
         data_dir=str(tmp / "data"),
         env=env or {},
         **fields,
@@ -436,8 +435,8 @@ async def test_wake_fails_fast_when_the_instance_is_deregistered(short_tmp: Path
         waking = asyncio.create_task(sup.wake(KEY))
         await wait_state(sup.runtimes[KEY], "starting")
         await sync_to_async(Instance.objects.filter(instance_id="alice").delete)()
-        sup._next_sync = 0
         started = time.monotonic()
+        await sup.sync_desired()
         sup.tick()
         with pytest.raises(InstanceUnavailable, match="deregistered"):
             await waking

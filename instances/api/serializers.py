@@ -29,8 +29,13 @@ WRITABLE_SERVICE_FIELDS = (
     "stop_timeout",
     "log_retention_lines",
     "isolation",
+    "network",
+    "user",
+    "mounts",
     "memory_limit_mb",
     "cpu_shares",
+    "cpu_max",
+    "pids_max",
     "storage_quota_mb",
     "storage_persist",
 )
@@ -80,6 +85,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "rss_bytes",
             "cpu_percent",
             "url",
+            "isolation",
+            "uid",
             "started_at",
             "last_activity",
             "created_at",
@@ -97,7 +104,13 @@ class InstanceSerializer(serializers.ModelSerializer):
 
     def get_rss_bytes(self, obj: Instance) -> int | None:
         proc = live_process(obj)
-        return proc.memory_info().rss if proc else None
+        if proc is None:
+            return None
+        # The recorded pid may be the sandbox (bwrap): the app is among its descendants.
+        try:
+            return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])
+        except psutil.Error:
+            return None
 
     def get_cpu_percent(self, obj: Instance) -> float | None:
         proc = live_process(obj)

@@ -80,6 +80,17 @@ def _env(value: Any) -> str | None:
     return None
 
 
+def _mounts(value: Any) -> str | None:
+    if not isinstance(value, list) or not all(isinstance(m, dict) for m in value):
+        return "must be an array of tables ([[service.NAME.mounts]])"
+    for m in value:
+        if not isinstance(m.get("source"), str) or not isinstance(m.get("destination"), str):
+            return "each mount needs source and destination strings"
+        if unknown := sorted(set(m) - {"source", "destination", "readonly"}):
+            return f"unknown mount key(s): {', '.join(unknown)}"
+    return None
+
+
 def _one_of(*choices: str) -> Check:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -99,6 +110,7 @@ SETTINGS: dict[str, Check] = {
     "wake_timeout": _seconds(positive=True),
     "startup_timeout": _seconds(positive=True),
     "log_retention_lines": _integer(1),
+    "uid_range": _string,
 }
 SERVICE: dict[str, Check] = {
     "command": _string,
@@ -116,8 +128,13 @@ SERVICE: dict[str, Check] = {
     "log_retention_lines": _integer(1),
     "always_on": _ids,
     "isolation": _one_of("process", "namespace", "sandbox"),
-    "memory_limit_mb": _integer(1),
+    "network": _one_of("host", "none"),
+    "user": _string,
+    "mounts": _mounts,
+    "memory_limit_mb": _integer(4),
     "cpu_shares": _integer(1),
+    "cpu_max": _string,
+    "pids_max": _integer(1),
     "storage_quota_mb": _integer(1),
     "storage_persist": _boolean,
 }

@@ -59,6 +59,8 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         idle=human_seconds(instance.idle_seconds()),
         socket_path=instance.socket_path or spec.socket_path(instance.instance_id),
         data_dir=data_dir,
+        # How it last started (level, uid, limits); before a first start, what is set.
+        isolation_configured=f"{spec.isolation} (not started yet)",
         data_size=dir_size(data_dir),
         tenant_url=tenant_url(request, instance),
         events=list(instance.events.order_by("-id")[:EVENTS]),

@@ -132,6 +132,7 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
             "tenement-desired": self.desired_loop,
             "tenement-health": self.health_loop,
             "tenement-log-flush": self.log_loop,
+            "tenement-storage": self.storage_loop,
             "tenement-bridge": self.bridge.run,
         }
         for name, make in self.extra_tasks.items():

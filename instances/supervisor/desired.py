@@ -39,6 +39,7 @@ SETTINGS_FIELDS = (
     "restart_window",
     "backoff_base_ms",
     "backoff_max_ms",
+    "uid_range",
 )
 
 
@@ -107,6 +108,7 @@ class DesiredState:
             seen_version=row.updated_at,
         )
         rt.restart_pending = row.restart_requested
+        rt.uid = row.uid
         self.reserve_record(rt)
         self.runtimes[key] = rt
         self.by_pk[rt.pk] = rt

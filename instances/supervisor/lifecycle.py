@@ -9,16 +9,15 @@ full database cannot kill, wedge or orphan an instance.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import os
 from typing import TYPE_CHECKING, Any
 
 from django.db.models import F
 from django.utils import timezone
 
 from instances import metrics
-from instances.supervisor import process, store
+from instances.config import parse_uid_range
+from instances.supervisor import isolation, process, store
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING
 from instances.supervisor.recovery import ChildRecord
 from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
@@ -44,6 +43,7 @@ LEGAL: dict[str, frozenset[str]] = {
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
 MAX_HEALTH_TIMEOUT = 5.0
 UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
+OOM = "oom: "  # how an out-of-memory kill's reason starts
 
 
 class Lifecycle:
@@ -99,6 +99,9 @@ class Lifecycle:
                 await process.terminate(rt.proc, rt.run_spec.stop_timeout)
             self.handle_failure(rt, f"internal error: {e!r}")
         finally:
+            if rt.cgroup is not None:  # an internal error skipped after_exit's clean-up
+                await asyncio.to_thread(rt.cgroup.remove)
+                rt.cgroup = None
             if rt.proc is not None and rt.proc.returncode is not None:
                 self.pidfiles.clear(rt.pk)
             if self.by_pk.get(rt.pk) is not rt:  # deregistered: its record goes with it
@@ -122,27 +125,30 @@ class Lifecycle:
             await process.terminate(proc, rt.run_spec.stop_timeout)
         code = await proc.wait()
         self.pidfiles.clear(rt.pk)
-        self.after_exit(rt, code)
+        await self.after_exit(rt, code)
 
     async def spawn_process(self: Supervisor, rt: Runtime) -> asyncio.subprocess.Process | None:
         try:
             # Room for the pid record first: a child we could not record must not run.
             self.pidfiles.reserve(rt.pk)
-            proc = await process.spawn(rt.run_spec, rt.key.instance_id)
+            launch = await process.spawn(rt.run_spec, rt.key.instance_id, self.uid_for(rt))
         except (process.SpawnError, ValueError, OSError) as e:
             self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
             self.handle_failure(rt, _spawn_error(e))
             return None
+        proc = launch.proc
         ticks = process.start_ticks(proc.pid)
         try:
             self.record_child(rt, proc.pid, ticks)
         except OSError as e:
             # Unrecorded, it could outlive a crash of ours unseen: it goes at once.
             await process.terminate(proc, 0)
+            await asyncio.to_thread(process.cleanup, rt.run_spec, rt.key.instance_id, launch.cgroup)
             self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
             self.handle_failure(rt, f"cannot record the process: {e}")
             return None
         rt.proc = proc
+        rt.cgroup = launch.cgroup
         rt.started_at = self.clock()
         self.attach_logs(rt, proc)
         self.set_state(
@@ -154,6 +160,8 @@ class Lifecycle:
             pid_create_time=ticks,
             socket_path=rt.run_spec.socket_path(rt.key.instance_id),
             started_at=timezone.now(),
+            uid=rt.uid,
+            isolation=launch.isolation,
         )
         if rt.stopping:  # a stop arrived while we were spawning
             await process.terminate(proc, rt.run_spec.stop_timeout)
@@ -215,12 +223,27 @@ class Lifecycle:
             last_error="",
         )
 
-    def after_exit(self: Supervisor, rt: Runtime, code: int) -> None:
+    def uid_for(self: Supervisor, rt: Runtime) -> int | None:
+        """The tenant's own uid (as root): stored with the row, else a stable new one."""
+        if rt.uid is None and isolation.host().root and not rt.run_spec.user:
+            taken = {r.uid for r in self.runtimes.values() if r.uid is not None}
+            uids = parse_uid_range(self.settings.uid_range)
+            rt.uid = isolation.allocate_uid(rt.pk, uids, taken)
+        return rt.uid
+
+    async def after_exit(self: Supervisor, rt: Runtime, code: int) -> None:
         self.bridge.down(rt)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(rt.run_spec.socket_path(rt.key.instance_id))
+        spec, group, rt.cgroup = rt.run_spec, rt.cgroup, None
+        # Off the loop: removing a cgroup waits for its killed leftovers to be reaped.
+        # (Not the database: nothing here waits on it.)
+        oom = await asyncio.to_thread(process.cleanup, spec, rt.key.instance_id, group)
+        code = isolation.exit_code(code, spec)
         how = process.describe_exit(code)
+        if oom and rt.stopping not in EXPECTED_STOPS:
+            rt.failure = f"{OOM}killed by the kernel at memory_limit_mb = {spec.memory_limit_mb}"
         if rt.stopping in EXPECTED_STOPS:
+            if not spec.storage_persist:
+                await asyncio.to_thread(process.wipe_data, spec, rt.key.instance_id)
             self.set_state(
                 rt,
                 State.STOPPED,
@@ -256,8 +279,7 @@ class Lifecycle:
             )
             return
         rt.backoff_until = self.clock() + delay
-        # health_failed's failures start with UNHEALTHY; every other one is a crash.
-        metrics.restarted(rt.key, "health" if reason.startswith(UNHEALTHY) else "crash")
+        metrics.restarted(rt.key, restart_reason(reason))
         log.warning(
             "%s: %s; restarting in %.2fs",
             rt.key,
@@ -332,6 +354,7 @@ class Lifecycle:
             )
         rt.state = new
         rt.notify()
+        self.poke()  # a new state may bring a deadline (backoff, idle) the loop must see
         pid = rt.proc.pid if rt.proc is not None else None
         log.info(
             "%s %s -> %s: %s",
@@ -357,6 +380,13 @@ def decide(rt: Runtime, now: float) -> str | None:
     if rt.state == State.BACKOFF and now < rt.backoff_until:
         return None
     return "start"
+
+
+def restart_reason(reason: str) -> str:
+    """The `reason` label of tenement_restarts_total for a failure's message."""
+    if reason.startswith(UNHEALTHY):
+        return "health"
+    return "oom" if reason.startswith(OOM) else "crash"
 
 
 def _spawn_error(e: Exception) -> str:

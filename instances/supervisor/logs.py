@@ -18,7 +18,10 @@ MAX_LINE_BYTES = 16 * 1024
 FLUSH_INTERVAL = 0.25
 FLUSH_BATCH = 2000
 # Past this many unwritten lines, new ones are dropped (and counted) rather than letting
-# one runaway app fill memory and starve the database thread the supervisor needs.
+# one runaway app fill memory and starve the database thread the supervisor needs. The
+# budget is shared fairly: an instance loses lines only once it holds more than its share
+# (this divided by the instances with lines waiting), so flooders drop their own lines and
+# a quiet tenant keeps every one of its.
 MAX_BUFFERED = 50_000
 
 
@@ -42,6 +45,8 @@ class LogCollector:
         self.stored: dict[int, int] = {}
         self.retention: dict[int, int] = {}
         self.dropped: dict[int, int] = {}
+        # Unwritten lines per instance: the fair-share budget is counted against these.
+        self.pending: dict[int, int] = {}
 
     async def capture(
         self,
@@ -67,10 +72,12 @@ class LogCollector:
             counted()
 
     def add(self, instance_pk: int, stream: str, text: str) -> None:
-        if len(self.buffer) >= MAX_BUFFERED:
+        held = self.pending.get(instance_pk, 0)
+        if len(self.buffer) >= MAX_BUFFERED and held >= self.fair_share():
             self.dropped[instance_pk] = self.dropped.get(instance_pk, 0) + 1
             self.full.set()
             return
+        self.pending[instance_pk] = held + 1
         self.buffer.append(CapturedLine(instance_pk, stream, datetime.now(UTC), text))
         if len(self.buffer) >= FLUSH_BATCH:
             self.full.set()
@@ -84,8 +91,13 @@ class LogCollector:
         if not self.buffer:
             return False
         batch, self.buffer = self.buffer, []
+        self.pending.clear()
         await self.db.call(self._write, batch)
         return True
+
+    def fair_share(self) -> int:
+        """Each instance with lines waiting may hold this many (at least one batch)."""
+        return max(FLUSH_BATCH, MAX_BUFFERED // max(1, len(self.pending)))
 
     def _write(self, batch: list[CapturedLine]) -> None:
         # Lines of an instance deregistered meanwhile have nowhere to go.

@@ -12,11 +12,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from django.conf import settings as django_settings
 from django.utils import timezone
 
 from instances import metrics
 from instances.ids import InstanceKey
-from instances.supervisor import health, process, store
+from instances.supervisor import health, process, storage, store
 from instances.supervisor.bridge import RESTARTING
 from instances.supervisor.lifecycle import UNHEALTHY
 from instances.supervisor.runtime import Desired, Runtime, State
@@ -109,6 +110,47 @@ class Monitor:
             # Not an expected stop: the exit goes through the restart policy. In the
             # background, so a slow stop does not hold up other instances' checks.
             self.spawn_helper(process.terminate(rt.proc, rt.run_spec.stop_timeout))
+
+    # ---- storage ---------------------------------------------------------------------------
+
+    async def storage_loop(self: Supervisor) -> None:
+        while not self.stop_event.is_set():
+            await self.check_storage()
+            interval = float(getattr(django_settings, "TENEMENT_STORAGE_CHECK_SECONDS", 60))
+            await self.wait_for_wakeup(interval, wake=False)
+
+    async def check_storage(self: Supervisor) -> bool:
+        """Measure the data dir of every running instance with a quota; record crossings
+        of 80% and 100%. Returns whether any level changed."""
+        changed = False
+        for rt in list(self.runtimes.values()):
+            quota = rt.run_spec.storage_quota_mb
+            if not quota or rt.state != State.RUNNING:
+                continue
+            folder = rt.run_spec.instance_dir(rt.key.instance_id)
+            used, complete = await asyncio.to_thread(storage.measure, folder)
+            mark = storage.level(used, quota)
+            if mark != rt.storage_level:
+                changed = True
+                rt.storage_level = mark
+                self.storage_crossed(rt, mark, used, complete)
+        return changed
+
+    def storage_crossed(
+        self: Supervisor, rt: Runtime, mark: int, used: int, complete: bool
+    ) -> None:
+        quota = rt.run_spec.storage_quota_mb
+        size = f"{'at least ' if not complete else ''}{used / 2**20:.1f} MiB"
+        message = f"data dir uses {size} of storage_quota_mb = {quota} ({mark or 'below 80'}%)"
+        kind = {100: "storage_full", 80: "storage_high"}.get(mark, "storage_ok")
+        log.log(
+            logging.WARNING if mark else logging.INFO,
+            "%s: %s",
+            rt.key,
+            message,
+            extra={"event": kind, "instance": rt.key, "used_bytes": used},
+        )
+        self.outbox.put("storage", store.record_event, rt.pk, kind, message)
 
     # ---- idle ----------------------------------------------------------------------------
 

@@ -8,12 +8,16 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 
 from instances.spec import ServiceSpec
+from instances.supervisor import cgroups, isolation
+from instances.supervisor.isolation import Identity, IsolationUnavailable
 
 log = logging.getLogger("tenement.supervisor")
 
@@ -25,22 +29,72 @@ class SpawnError(Exception):
     """The process could not be started at all (missing command, bad workdir...)."""
 
 
-def prepare_dirs(spec: ServiceSpec, instance_id: str) -> Path:
-    """Create the tenant's data dir (0700) and the socket's folder; drop a stale socket."""
+@dataclass
+class Launch:
+    """A started instance: its process, its cgroup (if any) and how it is confined."""
+
+    proc: asyncio.subprocess.Process
+    cgroup: cgroups.InstanceCgroup | None
+    isolation: str
+
+
+def prepare_dirs(spec: ServiceSpec, instance_id: str, ident: Identity | None = None) -> Path:
+    """Create the tenant's data dir (0700, its own) and the socket's folder; drop a stale
+    socket. With a tenant uid, the folders above are made traversable (0711), not listable."""
+    uid = ident.uid if ident else None
     data = spec.instance_dir(instance_id)
+    if uid is not None:
+        _traversable(Path(spec.data_dir), data)
     data.mkdir(parents=True, exist_ok=True, mode=0o700)
     socket = Path(spec.socket_path(instance_id))
+    if uid is not None and not spec.socket_dir_is_private() and spec.isolation == "process":
+        raise SpawnError(
+            f"socket folder {socket.parent} is shared by every tenant of {spec.name}: tenants "
+            "running as their own uid need a folder each; put {id} in the socket's folder "
+            "name, or use isolation = namespace"
+        )
+    if uid is not None:
+        _traversable(Path(spec.data_dir), socket.parent)
     socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _check_owned(socket.parent)
+    if uid is not None and ident is not None:
+        _give(data, ident)
+        _give(socket.parent, ident)
+    _check_owned(socket.parent, os.getuid() if uid is None else uid)
     with contextlib.suppress(FileNotFoundError):
         socket.unlink()
     return data
 
 
-def _check_owned(folder: Path) -> None:
+def _traversable(root: Path, target: Path) -> None:
+    """Folders from the data root down to target's parent: 0711 (enter, not list)."""
+    if not target.is_relative_to(root):
+        return
+    folder = root
+    for part in target.relative_to(root).parts[:-1]:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o711)
+        if folder.stat().st_mode & 0o777 != 0o711 and folder.stat().st_uid == os.getuid():
+            folder.chmod(0o711)
+        folder = folder / part
+    folder.mkdir(parents=True, exist_ok=True, mode=0o711)
+
+
+def _give(folder: Path, ident: Identity) -> None:
+    """Hand a tenant its folder; once per new owner, the whole tree (it may hold data
+    from before isolation, or from a previous registration under another uid)."""
+    st = folder.stat()
+    if st.st_uid == ident.uid and st.st_mode & 0o777 == 0o700:
+        return
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            os.lchown(os.path.join(dirpath, name), ident.uid, ident.gid)  # type: ignore[arg-type]
+    os.chown(folder, ident.uid, ident.gid)  # type: ignore[arg-type]
+    folder.chmod(0o700)
+
+
+def _check_owned(folder: Path, owner: int) -> None:
     """Refuse a socket folder someone else controls (e.g. pre-created in /tmp)."""
     st = folder.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+    if st.st_uid != owner or st.st_mode & 0o022:
         raise SpawnError(
             f"socket folder {folder} is owned by uid {st.st_uid} or writable by others; "
             "refusing to put the socket there"
@@ -79,20 +133,27 @@ def use_pidfd_child_watcher() -> None:
 _attached: dict[str, asyncio.AbstractEventLoop] = {}
 
 
-async def spawn(spec: ServiceSpec, instance_id: str) -> asyncio.subprocess.Process:
-    """Start the app in its own session, stdout/stderr piped for log capture."""
+async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> Launch:
+    """Start the app confined as its service says, in its own session and cgroup,
+    stdout/stderr piped for log capture."""
     use_pidfd_child_watcher()
-    prepare_dirs(spec, instance_id)
-    env = spec.environment(instance_id, _parent_env())
+    h = isolation.host()
+    try:
+        isolation.check(spec, h)
+        ident = isolation.identity_for(spec, uid, h)
+    except IsolationUnavailable as e:
+        raise SpawnError(str(e)) from None
+    prepare_dirs(spec, instance_id, ident)
+    env = spec.environment(instance_id, _parent_env(ident))
     cwd = spec.cwd(instance_id)
     if not cwd.is_dir():
         raise SpawnError(f"workdir does not exist: {cwd}")
     argv = spec.argv(instance_id)
-    program = resolve_program(argv, env, cwd)
+    argv[0] = resolve_program(argv, env, cwd)
+    group = _cgroup(spec, instance_id, h)
     try:
-        return await asyncio.create_subprocess_exec(
-            program,
-            *argv[1:],
+        proc = await asyncio.create_subprocess_exec(
+            *isolation.launch_argv(spec, instance_id, argv, cwd, ident, h),
             cwd=cwd,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
@@ -100,16 +161,64 @@ async def spawn(spec: ServiceSpec, instance_id: str) -> asyncio.subprocess.Proce
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             limit=READ_LIMIT,
+            preexec_fn=isolation.preexec(spec, group, ident),
         )
-    except OSError as e:
-        raise SpawnError(f"cannot start {argv[0]}: {e.strerror or e}") from None
+    except (OSError, subprocess.SubprocessError) as e:
+        if group is not None:
+            group.remove()
+        raise SpawnError(f"cannot start {argv[0]}: {getattr(e, 'strerror', None) or e}") from None
+    return Launch(proc, group, isolation.describe(spec, ident, h))
 
 
-def _parent_env() -> dict[str, str]:
+def _cgroup(
+    spec: ServiceSpec, instance_id: str, h: isolation.Host
+) -> cgroups.InstanceCgroup | None:
+    """Every instance gets a cgroup where the host has one for us: limits, and a way to
+    kill what setsid()s out of the process group."""
+    if h.cgroups is None:
+        return None
+    try:
+        return cgroups.create(h.cgroups, f"{spec.name}-{instance_id}", spec)
+    except (cgroups.CgroupError, OSError) as e:
+        if cgroups.required(spec):
+            raise SpawnError(str(e)) from None
+        log.warning("%s:%s: no cgroup (%s); running without one", spec.name, instance_id, e)
+        return None
+
+
+def cleanup(spec: ServiceSpec, instance_id: str, group: cgroups.InstanceCgroup | None) -> bool:
+    """After the process exited: kill what it left, drop its cgroup and socket. Returns
+    whether the kernel OOM-killed anything in it (the exit reason is then `oom`)."""
+    oom = bool(group and group.oom_kills())
+    if group is not None:
+        group.remove()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(spec.socket_path(instance_id))
+    return oom
+
+
+def wipe_data(spec: ServiceSpec, instance_id: str) -> None:
+    """storage_persist = false: the data dir starts empty on every start, as upstream."""
+    data = spec.instance_dir(instance_id)
+    if data.is_dir():
+        for entry in os.scandir(data):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
+# A tenant with its own uid gets the system's PATH: the supervisor's may name folders only
+# it can enter (a virtualenv or pyenv under /root), and `python3` in a tenant's command
+# should be the system's, not tenement's own interpreter. A service's env may set PATH.
+TENANT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def _parent_env(ident: Identity) -> dict[str, str]:
     env = dict(os.environ)
-    # `python3` in a command should find the interpreter tenement itself runs on.
-    bindir = os.path.dirname(sys.executable)
-    env["PATH"] = os.pathsep.join([bindir, env.get("PATH", os.defpath)])
+    if ident.uid is not None:
+        env["PATH"] = TENANT_PATH
     return env
 
 

@@ -10,6 +10,7 @@ from instances.ids import InstanceKey
 from instances.models import Instance
 from instances.spec import ServiceSpec
 from instances.supervisor.backoff import RestartPolicy
+from instances.supervisor.cgroups import InstanceCgroup
 
 State = Instance.State
 Desired = Instance.Desired
@@ -31,6 +32,11 @@ class Runtime:
     always_on: bool = False
     seen_version: datetime | None = None
     proc: asyncio.subprocess.Process | None = None
+    cgroup: InstanceCgroup | None = None
+    # The tenant's own uid (stored in its row), allocated on its first start as root.
+    uid: int | None = None
+    # The last storage_quota_mb threshold crossed (0, 80 or 100 percent).
+    storage_level: int = 0
     task: asyncio.Task[None] | None = None
     stop_task: asyncio.Task[None] | None = None
     # Why we are stopping it (one of EXPECTED_STOPS), or why we killed it (a failure).

@@ -30,7 +30,17 @@ class Command(OperatorCommand):
             return
         if not supervisor_alive(now):
             self.stderr.write("note: no supervisor is running; states are as it left them")
-        headers = ["INSTANCE", "STATE", "DESIRED", "PID", "UPTIME", "IDLE", "RESTARTS", "HEALTH"]
+        headers = [
+            "INSTANCE",
+            "STATE",
+            "DESIRED",
+            "PID",
+            "UPTIME",
+            "IDLE",
+            "RESTARTS",
+            "HEALTH",
+            "ISOLATION",
+        ]
         cells = [
             [
                 r["instance"],
@@ -41,6 +51,7 @@ class Command(OperatorCommand):
                 human_seconds(r["idle"]),
                 r["restarts"],
                 r["health"],
+                r["isolation"],
             ]
             for r in rows
         ]
@@ -60,4 +71,7 @@ class Command(OperatorCommand):
             "health": health if i.state == "running" else None,
             "always_on": i.always_on,
             "last_error": i.last_error or None,
+            # As it last started (the service's level and limits, the tenant's uid).
+            "isolation": i.isolation or None,
+            "uid": i.uid,
         }

@@ -14,9 +14,10 @@ from django.core.management.base import BaseCommand, CommandError
 from instances.config import ConfigError, load_config
 from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
+from instances.supervisor.isolation import isolation_report
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.sync import apply_config, start_config_instances
-from proxy.server import bind_socket, event_loop_factory, http_task
+from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
 
 EXIT_GRACE = 1.0  # seconds the interpreter gets to exit once every instance is stopped
 
@@ -40,6 +41,14 @@ class Command(BaseCommand):
             metavar="HOST:PORT",
             default=os.environ.get("TENEMENT_BIND") or "127.0.0.1:8000",
             help="Address for HTTP (default 127.0.0.1:8000). Env: TENEMENT_BIND.",
+        )
+        parser.add_argument(
+            "--metrics-bind",
+            metavar="unix:PATH|HOST:PORT",
+            default=os.environ.get("TENEMENT_METRICS_BIND") or None,
+            help="A second listener serving only /metrics, /status and /health, without a "
+            "token. unix:PATH is created 0600, out of tenants' reach; a HOST:PORT is "
+            "reachable by tenants with network = host. Env: TENEMENT_METRICS_BIND.",
         )
         parser.add_argument("--no-http", action="store_true", help="Supervise only; no HTTP.")
         parser.add_argument(
@@ -79,12 +88,34 @@ class Command(BaseCommand):
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
             self.hint_login()
-        supervisor = Supervisor(extra_tasks=extra, drain_tasks=frozenset({"tenement-http"}))
+        if options["metrics_bind"]:
+            extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
+        self.report_isolation()
+        drain = frozenset({"tenement-http", "tenement-metrics-http"})
+        supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             code = runner.run(supervisor.run())
         exit_now_if_stuck(code)
         if code:
             raise SystemExit(code)
+
+    def metrics_listener(self, bind: str) -> Any:
+        try:
+            sock = bind_private_socket(bind)
+        except (OSError, ValueError) as e:
+            raise CommandError(str(e)) from None
+        self.stdout.write(f"Metrics (no token) on {bind}")
+        if not bind.startswith("unix:"):
+            self.stderr.write(
+                f"warning: --metrics-bind {bind} is a TCP address: tenants with network = host "
+                "can reach it and read every tenant's metrics; prefer unix:PATH"
+            )
+        return http_task(sock, private=True)
+
+    def report_isolation(self) -> None:
+        """Say how every service's tenants are confined, or why they cannot be."""
+        for line in isolation_report():
+            self.stdout.write(line)
 
     def hint_login(self) -> None:
         """A first run has no account that can open the dashboard: say how to make one."""

@@ -1,0 +1,144 @@
+"""Storage quota, storage_persist, fair log capture, uid allocation and cgroup helpers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+from pathlib import Path
+
+import pytest
+from asgiref.sync import sync_to_async
+from django.test import override_settings
+
+from instances.models import Event
+from instances.spec import ServiceSpec
+from instances.supervisor import cgroups, isolation
+from instances.supervisor.isolation import IsolationUnavailable
+from instances.supervisor.logs import FLUSH_BATCH, MAX_BUFFERED, LogCollector
+from tests.test_supervisor import KEY, make_service, register, supervising, wait_state
+
+pytestmark = [pytest.mark.timeout(60)]
+
+
+def test_uids_are_stable_and_never_shared() -> None:
+    uids = range(200_000, 200_010)
+    assert isolation.allocate_uid(3, uids, set()) == 200_002
+    assert isolation.allocate_uid(3, uids, {200_002}) == 200_003
+    assert isolation.allocate_uid(13, uids, set()) == 200_002  # wraps round the range
+    with pytest.raises(IsolationUnavailable, match="used up"):
+        isolation.allocate_uid(1, range(5, 7), {5, 6})
+
+
+def test_cpu_max_and_weights() -> None:
+    assert cgroups.cpu_quota_us("50%") == 50_000
+    assert cgroups.cpu_quota_us("250%") == 250_000
+    assert cgroups.missing(ServiceSpec(name="a", command="x", data_dir="/d"), None) is None
+    lacking = cgroups.missing(
+        ServiceSpec(name="a", command="x", data_dir="/d", memory_limit_mb=64, pids_max=5), None
+    )
+    assert lacking and "memory_limit_mb needs the memory controller" in lacking
+    assert "pids_max needs the pids controller" in lacking
+
+
+def test_sandbox_exit_codes_read_as_signals() -> None:
+    ns = ServiceSpec(name="a", command="x", data_dir="/d", isolation="namespace")
+    proc = ServiceSpec(name="a", command="x", data_dir="/d", isolation="process")
+    assert isolation.exit_code(137, ns) == -9 and isolation.exit_code(3, ns) == 3
+    assert isolation.exit_code(137, proc) == 137
+
+
+async def test_a_flooder_never_costs_a_quiet_tenant_its_lines() -> None:
+    logs = LogCollector()
+    for i in range(MAX_BUFFERED):  # two flooders fill the shared buffer...
+        logs.add(1 + i % 2, "stdout", "flood")
+    for i in range(500):  # ... and the quiet tenant logs in between
+        logs.add(3, "stdout", f"quiet {i}")
+        logs.add(1, "stdout", "flood")
+        logs.add(2, "stdout", "flood")
+    kept = [line.text for line in logs.buffer if line.instance_pk == 3]
+    assert len(kept) == 500 and 3 not in logs.dropped
+    assert logs.dropped[1] == logs.dropped[2] == 500
+    assert len(logs.buffer) <= MAX_BUFFERED + 500 + FLUSH_BATCH
+
+
+@pytest.mark.django_db(transaction=True)
+@override_settings(TENEMENT_STORAGE_CHECK_SECONDS=0.05)
+async def test_storage_quota_events_at_80_and_100_percent(short_tmp: Path) -> None:
+    service = await sync_to_async(make_service)(short_tmp, storage_quota_mb=1)
+    await sync_to_async(register)(service, "alice", desired="running")
+    async with supervising(short_tmp) as sup:
+        rt = sup.runtimes[KEY]
+        await wait_state(rt, "running")
+        data = rt.spec.instance_dir("alice")
+
+        async def kinds() -> list[str]:
+            return await sync_to_async(
+                lambda: list(
+                    Event.objects.filter(kind__startswith="storage")
+                    .values_list("kind", flat=True)
+                    .order_by("id")
+                )
+            )()
+
+        (data / "a").write_bytes(os.urandom(900 * 1024))
+        async with asyncio.timeout(10):
+            while "storage_high" not in await kinds():
+                await asyncio.sleep(0.05)
+        (data / "b").write_bytes(os.urandom(300 * 1024))
+        async with asyncio.timeout(10):
+            while "storage_full" not in await kinds():
+                await asyncio.sleep(0.05)
+        assert await kinds() == ["storage_high", "storage_full"]
+
+
+@pytest.mark.django_db(transaction=True)
+@pytest.mark.parametrize("persist", [True, False])
+async def test_storage_persist_false_wipes_the_data_dir_on_stop(
+    short_tmp: Path, persist: bool
+) -> None:
+    service = await sync_to_async(make_service)(short_tmp, storage_persist=persist)
+    await sync_to_async(register)(service, "alice", desired="running")
+    async with supervising(short_tmp) as sup:
+        rt = sup.runtimes[KEY]
+        await wait_state(rt, "running")
+        marker = rt.spec.instance_dir("alice") / "kept"
+        marker.write_text("x")
+        task = sup.request_stop(rt, "manual")
+        assert task is not None
+        await task
+        assert rt.state == "stopped"
+        assert marker.exists() is persist
+
+
+def host(**kw: object) -> isolation.Host:
+    base = {"root": True, "bwrap": "/usr/bin/bwrap", "setpriv": "/usr/bin/setpriv"}
+    return isolation.Host(**{**base, "env": "/usr/bin/env", "cgroups": None, **kw})  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "spec_fields,host_fields,expected",
+    [
+        ({"isolation": "namespace"}, {"bwrap": None}, "needs bubblewrap"),
+        ({"isolation": "sandbox"}, {}, "sandbox (gVisor) is not supported"),
+        ({"memory_limit_mb": 64}, {}, "memory_limit_mb needs the memory controller"),
+        ({"isolation": "process"}, {"setpriv": None}, "needs setpriv"),
+        ({"user": "no-such-user-xyz"}, {}, "no such user"),
+    ],
+)
+def test_what_the_host_cannot_provide_is_refused_by_name(
+    spec_fields: dict, host_fields: dict, expected: str
+) -> None:
+    spec = ServiceSpec(name="a", command="x", data_dir="/d", **spec_fields)
+    h = host(**host_fields)
+    with pytest.raises(IsolationUnavailable, match=re.escape(expected)):
+        isolation.check(spec, h)
+        isolation.identity_for(spec, 200_000, h)
+
+
+def test_process_isolation_without_root_warns_what_is_open() -> None:
+    spec = ServiceSpec(name="a", command="x", data_dir="/d", isolation="process")
+    [warning] = isolation.warnings_for(spec, host(root=False))
+    assert "can read its database, secret key and config" in warning
+    assert isolation.warnings_for(spec, host()) == []
+    assert isolation.identity_for(spec, None, host(root=False)).uid is None
