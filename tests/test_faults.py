@@ -231,8 +231,8 @@ def held(site: Site) -> int:
 
 
 def status_json(site: Site) -> dict:  # type: ignore[type-arg]
-    response, body = http_request(site.port, "localhost", "/status", timeout=10)
-    assert response.status == 200, body
+    status, _, body = site.private_get("/status")
+    assert status == 200, body
     return json.loads(body)
 
 
