@@ -197,9 +197,13 @@ def launch_argv(
     if spec.isolation != "namespace":
         return inner
     assert h.bwrap and h.env
-    # `env --default-signal` undoes the SIGTERM shield the outer bwrap is started with.
+    # The outer bwrap would die of SIGTERM at once and take the app down without its grace
+    # period: `env --ignore-signal` shields it (dispositions set in a preexec hook do not
+    # survive uvloop's spawn, which resets them), `env --default-signal` undoes it inside.
     shielded = ",".join(s.name.removeprefix("SIG") for s in SHIELDED)
     return [
+        h.env,
+        f"--ignore-signal={shielded}",
         h.bwrap,
         *bwrap_options(spec, instance_id, cwd, h),
         "--",
@@ -264,15 +268,12 @@ def _folders_between(root: str, target: str) -> list[str]:
     return [str(base.joinpath(*parts[: i + 1])) for i in range(len(parts))]
 
 
-def preexec(
-    spec: ServiceSpec, group: cgroups.InstanceCgroup | None, ident: Identity
-) -> Callable[[], None] | None:
-    """What the child does between fork and exec: join its cgroup, shield bwrap, and (for
-    a tenant uid) a private umask. Here rather than Popen's umask=: uvloop lacks that."""
+def preexec(group: cgroups.InstanceCgroup | None, ident: Identity) -> Callable[[], None] | None:
+    """What the child does between fork and exec: join its cgroup and (for a tenant uid)
+    take a private umask. Here rather than Popen's umask=: uvloop lacks that."""
     procs = group.procs_files if group else ()
-    shield = spec.isolation == "namespace"
     private = ident.uid is not None
-    if not procs and not shield and not private:
+    if not procs and not private:
         return None
 
     def child() -> None:
@@ -280,9 +281,6 @@ def preexec(
         if private:
             # Sockets and files the app makes are its uid's alone unless it says otherwise.
             os.umask(0o077)
-        if shield:
-            for sig in SHIELDED:
-                signal.signal(sig, signal.SIG_IGN)
 
     return child
 
