@@ -14,9 +14,14 @@ def main() -> None:
     # --data-dir and --domain decide where the database lives, so they must be
     # applied before Django reads its settings.
     apply_cli_overrides(sys.argv)
+    from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 
-    execute_from_command_line(sys.argv)
+    try:
+        execute_from_command_line(sys.argv)
+    except ImproperlyConfigured as e:
+        # A refused setting (e.g. TENEMENT_METRICS_REQUIRE_TOKEN=0): one line, no traceback.
+        sys.exit(f"configuration error: {e}")
 
 
 if __name__ == "__main__":

@@ -26,6 +26,11 @@ class Deployment:
         self.data = root / "data"
         self.config = root / "tenement.toml"
         self.config.write_text(config)
+        # As an operator would: tenants under isolation = "process" could read it otherwise.
+        self.config.chmod(0o600)
+        # runsupervisor --metrics-bind: /metrics and /status without a token, out of reach
+        # of tenants (over loopback they need a read token).
+        self.metrics_socket = root / "metrics.sock"
         self.supervisors: list[subprocess.Popen[bytes]] = []
         self.others: list[subprocess.Popen[bytes]] = []
         self.app_pids: set[int] = set()
@@ -51,6 +56,7 @@ class Deployment:
                 *([] if http else ["--no-http"]),
                 "--data-dir",
                 str(self.data),
+                *(["--metrics-bind", f"unix:{self.metrics_socket}"] if http else []),
                 *args,
             ],
             stdout=log,
@@ -62,8 +68,18 @@ class Deployment:
         self.supervisors.append(proc)
         return proc
 
+    def private_get(self, path: str) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """GET over the --metrics-bind Unix socket (no token needed there)."""
+        return unix_http_get(str(self.metrics_socket), path)
+
+    def connect(self) -> sqlite3.Connection:
+        """The deployment's database, never created here (that is the supervisor's job,
+        with its own file modes): a missing file is an OperationalError."""
+        uri = f"file:{self.data / 'tenement.sqlite3'}?mode=rw"
+        return sqlite3.connect(uri, uri=True, timeout=10)
+
     def rows(self) -> dict[str, dict[str, Any]]:
-        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+        with contextlib.closing(self.connect()) as db:
             db.row_factory = sqlite3.Row
             cur = db.execute(
                 "SELECT s.name || ':' || i.instance_id AS key, i.* FROM instances_instance i "
@@ -72,11 +88,11 @@ class Deployment:
             return {r["key"]: dict(r) for r in cur}
 
     def query(self, statement: str, *params: Any) -> list[tuple[Any, ...]]:
-        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+        with contextlib.closing(self.connect()) as db:
             return list(db.execute(statement, params))
 
     def sql(self, statement: str, *params: Any) -> None:
-        with contextlib.closing(sqlite3.connect(self.data / "tenement.sqlite3", timeout=10)) as db:
+        with contextlib.closing(self.connect()) as db:
             db.execute(statement, params)
             db.commit()
 
@@ -157,3 +173,27 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(self.socket_path)
+
+
+def unix_http_get(
+    socket_path: str, path: str, timeout: float = 30
+) -> tuple[int, http.client.HTTPMessage, bytes]:
+    """One GET over a Unix socket; the connection is closed, the body read."""
+    conn = _UnixConnection(socket_path, timeout)
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()

@@ -3,7 +3,6 @@ Grafana dashboard, whose queries may only name metrics tenement exports."""
 
 from __future__ import annotations
 
-import http.client
 import json
 import re
 import shutil
@@ -160,12 +159,10 @@ def live_metrics(short_tmp: Path) -> Iterator[str]:
     try:
         d.start("--config", str(d.config), "--bind", f"127.0.0.1:{port}", http=True)
         d.wait_states({"app:alice": "running"}, timeout=60)
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-        conn.request("GET", "/metrics", headers={"Host": "localhost"})
-        response = conn.getresponse()
-        body = response.read().decode()
-        conn.close()
-        assert response.status == 200, body
+        d.wait_for("the metrics listener", d.metrics_socket.exists)
+        status, _, raw = d.private_get("/metrics")
+        body = raw.decode()
+        assert status == 200, body
         yield body
     finally:
         d.cleanup()

@@ -60,13 +60,20 @@ def alive(pid: int) -> bool:
 
 
 def copies_of(deployment: Deployment, service: str, instance_id: str) -> list[int]:
-    """Pids of this deployment's copies of an instance (HOME is its own data dir)."""
+    """Pids of this deployment's copies of an instance (HOME is its own data dir): the
+    top process of each copy (a sandbox's bwrap and the app inside it are one copy)."""
     home = str(deployment.data / service / instance_id)
+
+    def mine(p: psutil.Process) -> bool:
+        with contextlib.suppress(psutil.Error):
+            env = p.environ()
+            return env.get("INSTANCE_ID") == instance_id and env.get("HOME") == home
+        return False
+
     found = []
     for p in psutil.process_iter(["pid"]):
         with contextlib.suppress(psutil.Error):
-            env = p.environ()
-            if env.get("INSTANCE_ID") == instance_id and env.get("HOME") == home:
+            if mine(p) and not mine(p.parent()):
                 found.append(p.pid)
     return found
 
@@ -77,9 +84,11 @@ ALL_RUNNING = {"app:alice": "running", "app:bob": "running", "stubborn:carol": "
 def test_sigterm_stops_every_instance_and_leaves_no_orphans(deployment: Deployment) -> None:
     sup = deployment.start("--config", str(deployment.config))
     rows = deployment.wait_states(ALL_RUNNING)
-    for private in ("", "tenement.sqlite3", "secret_key", "app/alice"):
+    for private in ("tenement.sqlite3", "secret_key", "app/alice"):
         mode = (deployment.data / private).stat().st_mode & 0o777
-        assert mode & 0o077 == 0, f"{private or 'data dir'} is {oct(mode)}"
+        assert mode & 0o077 == 0, f"{private} is {oct(mode)}"
+    # Tenants (their own uids) pass through the data dir to their folders; never list it.
+    assert (deployment.data.stat().st_mode & 0o777) == 0o711
     pids = [r["pid"] for r in rows.values()]
     sockets = [r["socket_path"] for r in rows.values()]
     assert all(alive(p) for p in pids)
@@ -94,9 +103,13 @@ def test_sigterm_stops_every_instance_and_leaves_no_orphans(deployment: Deployme
     assert rows["app:alice"]["last_exit_code"] == 0
 
 
+@pytest.mark.parametrize("isolation", ["process", "namespace"])
 def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
-    deployment: Deployment,
+    deployment: Deployment, isolation: str
 ) -> None:
+    deployment.config.write_text(
+        CONFIG.replace('health = "/health"\n', f'health = "/health"\nisolation = "{isolation}"\n')
+    )
     first = deployment.start("--config", str(deployment.config))
     rows = deployment.wait_states(ALL_RUNNING)
     old = {k: r["pid"] for k, r in rows.items()}
@@ -105,7 +118,11 @@ def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
 
     first.kill()
     first.wait()
-    assert all(alive(p) for p in old.values())  # orphaned, still running
+    if isolation == "process":
+        assert all(alive(p) for p in old.values())  # orphaned, still running
+    else:
+        # A sandbox dies with its supervisor (bwrap --die-with-parent): no orphans at all.
+        deployment.wait_for("sandboxes gone", lambda: not any(alive(p) for p in old.values()))
 
     # A stranger now holds a pid our database remembers (as if the pid were reused).
     stranger = subprocess.Popen(["sleep", "60"], start_new_session=True)
@@ -113,7 +130,8 @@ def test_kill_9_then_restart_kills_leftovers_but_never_a_stranger(
     assert deployment.manage("stop", "app:dave", "--no-wait").returncode == 0
     real_dave = deployment.rows()["app:dave"]["pid"]
     deployment.app_pids.add(real_dave)
-    os.killpg(real_dave, signal.SIGKILL)
+    with contextlib.suppress(ProcessLookupError):  # a sandbox died with its supervisor
+        os.killpg(real_dave, signal.SIGKILL)
     deployment.sql(
         "UPDATE instances_instance SET state='running', pid=?, pid_create_time=? "
         "WHERE instance_id='dave'",
@@ -158,9 +176,11 @@ def test_operator_commands(deployment: Deployment) -> None:
         "IDLE",
         "RESTARTS",
         "HEALTH",
+        "ISOLATION",
     ]
     zed = next(line.split() for line in lines if line.startswith("app:zed"))
-    assert zed[1:3] == ["running", "running"] and zed[-1] == "ok"
+    assert zed[1:3] == ["running", "running"] and zed[7] == "ok"
+    assert " ".join(zed[8:]).startswith("namespace, uid ")
 
     listed = json.loads(deployment.manage("ps", "app", "--json").stdout)
     assert {r["instance"] for r in listed} == {"app:alice", "app:bob", "app:zed"}

@@ -74,8 +74,15 @@ class Server(Deployment):
         return self.start("--config", str(self.config), "--bind", bind, *args, http=True)
 
     def get(
-        self, path: str, host: str = "localhost", headers: dict[str, str] | None = None
+        self,
+        path: str,
+        host: str = "localhost",
+        headers: dict[str, str] | None = None,
+        private: bool = False,
     ) -> tuple[int, http.client.HTTPMessage, bytes]:
+        """GET over TCP, or with `private` over the --metrics-bind socket (no token)."""
+        if private:
+            return self.private_get(path)
         response, body = http_request(self.port, host, path, headers=headers, address=self.host)
         return response.status, response.headers, body  # header names: any case
 
@@ -84,13 +91,15 @@ class Server(Deployment):
         assert headers["Content-Type"] == "application/json", body
         return status, json.loads(body)
 
-    def wait_json(self, path: str, check: Any, what: str, timeout: float = 30) -> Any:
+    def wait_json(
+        self, path: str, check: Any, what: str, timeout: float = 30, private: bool = False
+    ) -> Any:
         """Poll `path` until check(status, body) holds (another process: no event to await)."""
         seen: list[Any] = []
 
         def ok() -> bool:
             try:
-                seen[:] = [self.json(path)]
+                seen[:] = [self.json(path, private=private)]
             except (OSError, http.client.HTTPException):
                 return False  # not listening yet
             return bool(check(*seen[0]))
@@ -150,7 +159,9 @@ def test_status_counts_wakes_connections_and_errors(server: Server) -> None:
     assert server.manage("stop", "slow:carol").returncode == 0
     server.wait_states({"slow:carol": "stopped"})
 
-    status, body = server.json("/status")
+    status, _, anonymous = server.get("/status")  # loopback is no credential: tenants share it
+    assert status == 401, anonymous
+    status, body = server.json("/status", private=True)
     assert status == 200
     assert body["version"] == "0.1.0.dev0"
     assert 0 < body["uptime_s"] < 300
@@ -170,7 +181,11 @@ def test_status_counts_wakes_connections_and_errors(server: Server) -> None:
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         held = pool.submit(server.get, "/", "carol.slow.localhost")
         during = server.wait_json(
-            "/status", lambda _, b: b["wakes_in_flight"], "a wake in flight", timeout=20
+            "/status",
+            lambda _, b: b["wakes_in_flight"],
+            "a wake in flight",
+            timeout=20,
+            private=True,
         )
         status, headers, _ = held.result(timeout=40)
     assert during["wakes_in_flight"][0]["instance"] == "slow:carol"
@@ -179,7 +194,7 @@ def test_status_counts_wakes_connections_and_errors(server: Server) -> None:
     assert during["instances"]["by_service"]["slow"]["starting"] == 1
     assert status == 404 and int(headers["x-tenement-wake"]) >= 1000  # testapp's 404 for "/"
 
-    status, after = server.json("/status")
+    status, after = server.json("/status", private=True)
     assert after["wakes_in_flight"] == [] and after["open_connections"]["total"] == 0
     assert after["instances"]["by_service"]["slow"] == counts(running=1)
 
@@ -320,7 +335,7 @@ def test_health_503_while_postgresql_is_down(server: Server, cluster: Cluster) -
     assert body["checks"]["database"]["ok"] is False
     assert body["checks"]["event_loop"]["ok"] is True
     assert "Traceback" not in json.dumps(body) and "127.0.0.1" not in body["reason"]
-    status, _, text = server.get("/status")
+    status, _, text = server.get("/status", private=True)
     assert status == 503 and b"the database is unreachable" in text
 
     cluster.start()

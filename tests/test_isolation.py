@@ -6,6 +6,7 @@ and with cgroup limits; requests go through the real proxy.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -208,7 +209,7 @@ def test_network_none_cuts_outbound_but_serves(deployment: tuple[Deployment, int
 
 
 def test_effective_isolation_is_recorded_and_shown(deployment: tuple[Deployment, int]) -> None:
-    d, _ = deployment
+    d, port = deployment
     rows = d.rows()
     assert rows["ns:alice"]["isolation"].startswith("namespace, uid ")
     assert "network none" in rows["cut:eve"]["isolation"]
@@ -219,6 +220,15 @@ def test_effective_isolation_is_recorded_and_shown(deployment: tuple[Deployment,
     assert "namespace" in ps.stdout and "process" in ps.stdout
     log = (d.root / "supervisor-0.log").read_text()
     assert "Isolation (host:" in log and "hog: namespace, own uid per tenant" in log
+    response, body = http_request(
+        port,
+        "localhost",
+        "/api/instances/cut:eve/",
+        headers={"Authorization": f"Bearer {token(d)}"},
+    )
+    assert response.status == 200, body
+    shown = json.loads(body)
+    assert shown["isolation"] == rows["cut:eve"]["isolation"] and shown["uid"] >= 200_000
 
 
 def test_memory_hog_is_oom_killed_recorded_and_restarted(
@@ -256,21 +266,8 @@ def test_fork_bomb_stops_at_pids_max_and_supervisor_stays_healthy(
     deployment: tuple[Deployment, int],
 ) -> None:
     _, port = deployment
-    healthy: list[int] = []
-    done = threading.Event()
-
-    def watch() -> None:
-        while not done.is_set():
-            healthy.append(http_request(port, "localhost", "/health", timeout=10)[0].status)
-            time.sleep(0.1)
-
-    watcher = threading.Thread(target=watch)
-    watcher.start()
-    try:
+    with health_watch(port) as healthy:
         status, result = get(port, "trudy.bomb", "/forkbomb", timeout=60)
-    finally:
-        done.set()
-        watcher.join()
     assert status == 200, result
     assert 0 < result["children"] < 40, result
     assert healthy and set(healthy) == {200}, healthy
@@ -284,10 +281,12 @@ def test_cpu_shares_split_a_contended_core(deployment: tuple[Deployment, int]) -
         got[tenant] = get(port, tenant, "/spin?seconds=4")[1]["cpu"]
 
     threads = [threading.Thread(target=spin, args=(t,)) for t in ("l.light", "h.heavy")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    with health_watch(port) as healthy:  # the supervisor stays responsive meanwhile
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert healthy and set(healthy) == {200}, healthy
     ratio = got["h.heavy"] / max(got["l.light"], 1e-3)
     print(f"cpu seconds light={got['l.light']:.2f} heavy={got['h.heavy']:.2f} ratio={ratio:.2f}")
     assert 2.0 <= ratio <= 4.5, got
@@ -303,6 +302,26 @@ def test_cgroups_are_gone_after_stop(deployment: tuple[Deployment, int]) -> None
     assert stopped.returncode == 0, stopped.stderr
     d.wait_states({"bomb:trudy": "stopped"})
     assert not any(f.exists() for f in folders)
+
+
+@contextlib.contextmanager
+def health_watch(port: int) -> Iterator[list[int]]:
+    """Poll the control host's /health every 0.1 s while the block runs."""
+    healthy: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.is_set():
+            healthy.append(http_request(port, "localhost", "/health", timeout=10)[0].status)
+            time.sleep(0.1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        yield healthy
+    finally:
+        done.set()
+        watcher.join()
 
 
 def token(d: Deployment) -> str:

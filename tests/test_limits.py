@@ -142,3 +142,28 @@ def test_process_isolation_without_root_warns_what_is_open() -> None:
     assert "can read its database, secret key and config" in warning
     assert isolation.warnings_for(spec, host()) == []
     assert isolation.identity_for(spec, None, host(root=False)).uid is None
+
+
+def test_sandbox_hides_the_control_plane_wherever_it_lives(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "metrics.sock").touch()
+    monkeypatch.setattr(isolation, "control_plane_dirs", lambda: (str(state), "/srv/t/x"))
+    monkeypatch.setattr(isolation, "_masked", set())
+    isolation.mask(str(state / "metrics.sock"))
+    spec = ServiceSpec(name="notes", command="x", data_dir="/srv/t")
+    opts = isolation.bwrap_options(spec, "alice", Path("/srv/t/notes/alice"), host())
+    tmpfs = [opts[i + 1] for i, o in enumerate(opts) if o == "--tmpfs"]
+    # The tenants' root and the state folder; /srv/t/x is inside /srv/t already.
+    assert tmpfs == ["/tmp", "/srv/t", str(state)]
+    masked = [
+        opts[i + 2] for i, o in enumerate(opts) if o == "--ro-bind" and opts[i + 1] == "/dev/null"
+    ]
+    assert masked == [str(state / "metrics.sock")]
+    binds = [(opts[i + 1], opts[i + 2]) for i, o in enumerate(opts) if o == "--bind"]
+    assert binds == [
+        ("/srv/t/notes/alice", "/srv/t/notes/alice"),
+        ("/srv/t/run/notes-alice", "/srv/t/run/notes-alice"),
+    ]

@@ -104,9 +104,24 @@ class Metered(Deployment):
         return response.status, body
 
     def scrape_text(self, port: int = 0, headers: dict[str, str] | None = None) -> str:
+        """The supervisor's /metrics over its --metrics-bind socket (no token); another
+        process's (port) over TCP with a read token, as Prometheus would."""
+        if not port and headers is None:
+            wait_until("the metrics listener", self.metrics_socket.exists, timeout=60)
+            status, _, raw = self.private_get("/metrics")
+            assert status == 200, (status, raw)
+            return raw.decode()
+        if headers is None:
+            headers = {"Authorization": f"Bearer {self.reader()}"}
         response, body = self.request(f"127.0.0.1:{port or self.port}", "/metrics", headers, port)
         assert response.status == 200, (response.status, body)
         return body.decode()
+
+    def reader(self) -> str:
+        """A fleet-wide read token, made once."""
+        if not getattr(self, "_reader", None):
+            self._reader = create_token(self, "scraper", "read")
+        return self._reader
 
     def scrape(self, port: int = 0) -> Samples:
         return parse(self.scrape_text(port))
@@ -490,7 +505,11 @@ def test_access_rules_and_promtool(short_tmp: Path) -> None:
         read = create_token(d, "reader", "read")
         assert d.request("alice.web.localhost", "/health")[0].status == 200
 
-        # Loopback: open.
+        # Loopback is no credential (tenants share it): a token is needed there too.
+        host = {"Host": f"127.0.0.1:{d.port}"}
+        assert status_of("127.0.0.1", d.port, host)[0] == 401
+        # The --metrics-bind socket (0600, out of tenants' reach): open.
+        assert d.metrics_socket.stat().st_mode & 0o777 == 0o600
         text = d.scrape_text()
         m = parse(text)
         labels = {"service": "web", "instance": "alice", "code": "2xx"}
@@ -502,12 +521,20 @@ def test_access_rules_and_promtool(short_tmp: Path) -> None:
 
         # From a non-loopback address: a read token is needed.
         if (address := own_address()) is not None:
-            host = {"Host": f"127.0.0.1:{d.port}"}  # an address Django serves
             assert status_of(address, d.port, host)[0] == 401
             authorized = {**host, "Authorization": f"Bearer {read}"}
             assert status_of(address, d.port, authorized)[0] == 200
     finally:
         d.cleanup()
+
+
+def test_opening_metrics_on_loopback_is_refused_with_a_reason(short_tmp: Path) -> None:
+    d = Deployment(short_tmp, "")
+    d.env["TENEMENT_METRICS_REQUIRE_TOKEN"] = "0"
+    out = d.manage("ps")
+    assert out.returncode == 1
+    assert "TENEMENT_METRICS_REQUIRE_TOKEN=0 is no longer supported" in out.stderr
+    assert "--metrics-bind" in out.stderr and "Traceback" not in out.stderr
 
 
 def test_require_token_setting_applies_to_loopback_too(short_tmp: Path) -> None:

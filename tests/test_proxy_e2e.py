@@ -40,6 +40,9 @@ backoff_max_ms = 400
 [service.web]
 command = "{APP} --log-level warning"
 health = "/health"
+# The tests read the app's own pid (and kill it): outside a PID namespace that is the
+# host's pid. Isolation itself is tested in test_isolation.py.
+isolation = "process"
 idle_timeout = 2
 request_timeout = 2
 wake_timeout = 10

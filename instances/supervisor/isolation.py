@@ -193,13 +193,16 @@ def launch_argv(
     spec: ServiceSpec, instance_id: str, argv: list[str], cwd: Path, ident: Identity, h: Host
 ) -> list[str]:
     """The whole argument list: sandbox, then identity switch, then the app."""
-    inner = [*_switch_user(ident, h), *argv]
     if spec.isolation != "namespace":
-        return inner
+        return [*_switch_user(ident, h), *argv]
     assert h.bwrap and h.env
-    # `env --default-signal` undoes the SIGTERM shield the outer bwrap is started with.
+    # The outer bwrap would die of SIGTERM at once and take the app down without its grace
+    # period: `env --ignore-signal` shields it (dispositions set in a preexec hook do not
+    # survive uvloop's spawn, which resets them), `env --default-signal` undoes it inside.
     shielded = ",".join(s.name.removeprefix("SIG") for s in SHIELDED)
     return [
+        h.env,
+        f"--ignore-signal={shielded}",
         h.bwrap,
         *bwrap_options(spec, instance_id, cwd, h),
         "--",
@@ -236,23 +239,61 @@ def bwrap_options(spec: ServiceSpec, instance_id: str, cwd: Path, h: Host) -> li
         opts.append("--unshare-net")  # only loopback inside; the Unix socket still works
     opts += ["--hostname", instance_id, "--ro-bind", "/", "/", "--dev", "/dev"]
     opts += ["--proc", "/proc", "--tmpfs", "/tmp"]
-    # The data root (database, secret key, other tenants) becomes an empty tmpfs ...
-    opts += ["--tmpfs", spec.data_dir]
+    # The data root (other tenants) and the control plane's state (database, secret key)
+    # become empty tmpfs ...
+    hidden = _outermost([spec.data_dir, *control_plane_dirs()])
+    for folder in hidden:
+        opts += ["--tmpfs", folder]
     # ... with this tenant's own data and socket folders bound back in. bwrap would make
     # the folders on the way 0700 root, which the tenant's uid could not pass through.
     host_sock, app_sock = spec.socket_path(instance_id), spec.app_socket_path(instance_id)
     binds = [(str(data), str(data)), (os.path.dirname(host_sock), os.path.dirname(app_sock))]
     for _, target in binds:
-        for folder in _folders_between(spec.data_dir, target):
-            opts += ["--perms", "0711", "--dir", folder]
+        for root in hidden:
+            for folder in _folders_between(root, target):
+                opts += ["--perms", "0711", "--dir", folder]
     for source, target in binds:
         opts += ["--bind", source, target]
-    if spec.config_file and os.path.exists(spec.config_file):
-        opts += ["--ro-bind", "/dev/null", spec.config_file]
+    # The config file and the private metrics socket, wherever they are, read as empty.
+    for path in [spec.config_file, *sorted(_masked)]:
+        if path and os.path.exists(path):
+            opts += ["--ro-bind", "/dev/null", path]
     for source, destination, readonly in spec.mounts:
         opts += ["--ro-bind" if readonly else "--bind", source, destination]
     opts += ["--chdir", str(cwd)]
     return opts
+
+
+# Files no tenant may reach even where they are otherwise visible (see mask()).
+_masked: set[str] = set()
+
+
+def mask(path: str) -> None:
+    """Make `path` (e.g. the --metrics-bind socket) read as /dev/null in every sandbox."""
+    _masked.add(os.path.abspath(path))
+
+
+@functools.cache
+def control_plane_dirs() -> tuple[str, ...]:
+    """Folders holding the control plane's state: TENEMENT_DATA_DIR and, for SQLite, the
+    database's folder. Hidden from sandboxes even when a service's data_dir is elsewhere."""
+    from django.conf import settings
+
+    dirs = [str(settings.TENEMENT_DATA_DIR)]
+    db = settings.DATABASES["default"]
+    # Only a database file that exists: in-memory names ("file:...?mode=memory") have none.
+    if db["ENGINE"].endswith("sqlite3") and os.path.isfile(str(db["NAME"])):
+        dirs.append(os.path.dirname(os.path.abspath(db["NAME"])))
+    return tuple(dirs)
+
+
+def _outermost(folders: list[str]) -> list[str]:
+    """The folders not inside another of them, shortest first (tmpfs mount order)."""
+    out: list[str] = []
+    for folder in sorted({os.path.abspath(f) for f in folders}, key=len):
+        if not any(Path(folder).is_relative_to(o) for o in out):
+            out.append(folder)
+    return out
 
 
 def _folders_between(root: str, target: str) -> list[str]:
@@ -264,15 +305,12 @@ def _folders_between(root: str, target: str) -> list[str]:
     return [str(base.joinpath(*parts[: i + 1])) for i in range(len(parts))]
 
 
-def preexec(
-    spec: ServiceSpec, group: cgroups.InstanceCgroup | None, ident: Identity
-) -> Callable[[], None] | None:
-    """What the child does between fork and exec: join its cgroup, shield bwrap, and (for
-    a tenant uid) a private umask. Here rather than Popen's umask=: uvloop lacks that."""
+def preexec(group: cgroups.InstanceCgroup | None, ident: Identity) -> Callable[[], None] | None:
+    """What the child does between fork and exec: join its cgroup and (for a tenant uid)
+    take a private umask. Here rather than Popen's umask=: uvloop lacks that."""
     procs = group.procs_files if group else ()
-    shield = spec.isolation == "namespace"
     private = ident.uid is not None
-    if not procs and not shield and not private:
+    if not procs and not private:
         return None
 
     def child() -> None:
@@ -280,9 +318,6 @@ def preexec(
         if private:
             # Sockets and files the app makes are its uid's alone unless it says otherwise.
             os.umask(0o077)
-        if shield:
-            for sig in SHIELDED:
-                signal.signal(sig, signal.SIG_IGN)
 
     return child
 

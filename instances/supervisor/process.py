@@ -161,7 +161,7 @@ async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> 
             stderr=asyncio.subprocess.PIPE,
             start_new_session=True,
             limit=READ_LIMIT,
-            preexec_fn=isolation.preexec(spec, group, ident),
+            preexec_fn=isolation.preexec(group, ident),
         )
     except (OSError, subprocess.SubprocessError) as e:
         if group is not None:
