@@ -56,7 +56,8 @@ class Site(Deployment):
                     found.setdefault(f"{service}:{env['INSTANCE_ID']}", []).append(p.pid)
         for pids in found.values():
             self.app_pids.update(pids)
-        return found
+        # One copy is a tree (a sandbox's bwrap, its init, the app): count its top only.
+        return {key: [p for p in pids if _parent(p) not in pids] for key, pids in found.items()}
 
     def stop_within(self, proc: subprocess.Popen[bytes], limit: float) -> float:
         """SIGTERM `proc`; returns how long it took to exit, failing past `limit`."""
@@ -116,6 +117,13 @@ class FullDisk:
 
     def unmount(self) -> None:
         subprocess.run(["umount", "-l", str(self.folder)], check=False, timeout=10)
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        return psutil.Process(pid).ppid()
+    except psutil.Error:
+        return None
 
 
 def can_mount() -> bool:
