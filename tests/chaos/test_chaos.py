@@ -234,6 +234,7 @@ def test_sqlite_locked_for_30s(site: Site) -> None:
     proc = site.serve()
     site.wait_states(dict.fromkeys(TENANTS, "running"))
     register(site, "slow:w1", "slow:w2")
+    time.sleep(2)  # the supervisor's sync (1 s), then the proxy's table reload
     with Load(site, clients=4) as load:
         with locked_database(site):
             began = time.monotonic()
