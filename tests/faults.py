@@ -8,13 +8,14 @@ import os
 import signal
 import sqlite3
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 
-from tests.conftest import TENANT_PYTHON, TESTAPP
+from tests.conftest import REPO, TENANT_PYTHON, TESTAPP
 from tests.harness import Deployment, free_port, http_request, listening
 
 APP = f"{TENANT_PYTHON} {TESTAPP}"
@@ -68,6 +69,24 @@ class Site(Deployment):
         except subprocess.TimeoutExpired:
             raise AssertionError(f"runsupervisor still running {limit:g}s after SIGTERM") from None
         return time.monotonic() - began
+
+    def register(self, *keys: str) -> None:
+        """Register tenants, stopped (a request wakes them), as the API would, and wait
+        until the proxy routes them: the supervisor syncs every second, then the proxy
+        reloads its table (nothing to wait on from outside but the time)."""
+        code = "from instances import operations as ops\n" + "".join(
+            f"ops.register({k!r}, start=False)\n" for k in keys
+        )
+        made = subprocess.run(
+            [sys.executable, str(REPO / "manage.py"), "shell", "-c", code],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**self.env, "TENEMENT_DATA_DIR": str(self.data)},
+            cwd=REPO,
+        )
+        assert made.returncode == 0, made.stderr
+        time.sleep(2)
 
     def log(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.root.glob("supervisor-*.log")))

@@ -85,25 +85,6 @@ def full_disk_site(short_tmp: Path) -> Iterator[tuple[Site, FullDisk]]:
         disk.unmount()
 
 
-def register(site: Site, *keys: str) -> None:
-    """Register tenants, stopped (a request wakes them), as the API would."""
-    code = "from instances import operations as ops\n" + "".join(
-        f"ops.register({k!r}, start=False)\n" for k in keys
-    )
-    made = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), "shell", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**site.env, "TENEMENT_DATA_DIR": str(site.data)},
-        cwd=REPO,
-    )
-    assert made.returncode == 0, made.stderr
-    # Other processes' registrations reach the supervisor within its 1 s sync, then the
-    # proxy reloads its routing table: nothing to wait on from outside but the time.
-    time.sleep(2)
-
-
 def events(site: Site, key: str, kind: str) -> int:
     service, instance_id = key.split(":")
     with contextlib.closing(sqlite3.connect(site.data / "tenement.sqlite3", timeout=10)) as db:
@@ -136,7 +117,7 @@ def in_background(fn, *args):  # type: ignore[no-untyped-def]
 
 def test_defect_01_operator_stop_cancels_a_slow_wake_without_flapping(site: Site) -> None:
     site.serve()
-    register(site, "slow:alice")
+    site.register("slow:alice")
     held = in_background(fetch, site, "slow:alice")
     site.wait_states({"slow:alice": "starting"}, timeout=20)
     began = time.monotonic()
@@ -155,7 +136,7 @@ def test_defect_02_request_joining_just_before_the_deadline_is_carried_over(site
     # The app needs ~4 s; wake_timeout is 3 s. The first request gives up at 3 s; the
     # second, joining at 2.5 s, still has time when the supervisor's first wake times out.
     site.serve()
-    register(site, "late:alice")
+    site.register("late:alice")
     first = in_background(fetch, site, "late:alice")
     time.sleep(2.5)
     second = in_background(fetch, site, "late:alice")
@@ -215,7 +196,7 @@ def test_defect_04_the_proxy_stays_in_its_broadcast_group(db: None) -> None:
 
 def test_defect_05_a_client_that_leaves_is_dropped_from_the_hold_at_once(site: Site) -> None:
     site.serve()
-    register(site, "slow:alice")
+    site.register("slow:alice")
     conn = socket.create_connection(("127.0.0.1", site.port), timeout=5)
     conn.sendall(b"GET / HTTP/1.1\r\nHost: alice.slow.localhost\r\n\r\n")
     site.wait_for("the request to be held", lambda: held(site) == 1, timeout=20)
@@ -238,7 +219,7 @@ def status_json(site: Site) -> dict:  # type: ignore[type-arg]
 
 def test_defect_06_oversized_body_is_refused_before_any_wake(site: Site) -> None:
     site.serve()
-    register(site, "app:alice")
+    site.register("app:alice")
     conn = socket.create_connection(("127.0.0.1", site.port), timeout=5)
     conn.sendall(
         b"POST / HTTP/1.1\r\nHost: alice.app.localhost\r\nContent-Length: 2000000000\r\n\r\n"
@@ -282,7 +263,7 @@ def test_defect_07_a_failing_running_write_does_not_kill_a_healthy_instance(
 ) -> None:
     site, disk = full_disk_site
     site.serve()
-    register(site, "app:alice")
+    site.register("app:alice")
     disk.fill()
     assert fetch(site, "app:alice")[0] == 200
     pids = site.tenants()["app:alice"]
@@ -306,7 +287,7 @@ def test_defect_08_a_failing_stopping_write_does_not_wedge_the_instance(
 ) -> None:
     site, disk = full_disk_site
     site.serve()
-    register(site, "idle:alice")
+    site.register("idle:alice")
     assert fetch(site, "idle:alice")[0] == 200
     disk.fill()
     # Idle after 1 s: it must be stopped, though no write can land...
@@ -321,7 +302,7 @@ def test_defect_08_a_failing_stopping_write_does_not_wedge_the_instance(
 
 def test_defect_10_sigterm_with_the_database_locked_stops_everything(site: Site) -> None:
     proc = site.serve()
-    register(site, "app:alice", "app:bob")
+    site.register("app:alice", "app:bob")
     assert fetch(site, "app:alice")[0] == 200 and fetch(site, "app:bob")[0] == 200
     with locked_database(site):
         took = site.stop_within(proc, limit=1 + 2 + 2)  # drain + stop_timeout + 2 s
@@ -335,7 +316,7 @@ def test_defect_11_disk_full_sigterm_and_restart_leave_no_orphan_and_no_duplicat
 ) -> None:
     site, disk = full_disk_site
     proc = site.serve()
-    register(site, "app:alice", "app:bob")
+    site.register("app:alice", "app:bob")
     assert fetch(site, "app:alice")[0] == 200 and fetch(site, "app:bob")[0] == 200
     disk.fill()
     # A crash now restarts alice with a pid the database cannot take.
@@ -376,7 +357,7 @@ def open_stream(site: Site, key: str) -> socket.socket:
 
 def test_defect_13_sigterm_with_a_streaming_response_is_bounded(site: Site) -> None:
     proc = site.serve()
-    register(site, "app:alice")
+    site.register("app:alice")
     stream = open_stream(site, "app:alice")
     try:
         took = site.stop_within(proc, limit=1 + 2 + 2)
@@ -391,7 +372,7 @@ def test_defect_14_a_second_signal_skips_the_drain(short_tmp: Path) -> None:
     site = Site(short_tmp, CONFIG, TENEMENT_DRAIN_TIMEOUT="60")
     try:
         proc = site.serve()
-        register(site, "app:alice")
+        site.register("app:alice")
         stream = open_stream(site, "app:alice")
         try:
             began = time.monotonic()

@@ -8,8 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +16,6 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
 from tests.faults import APP, FullDisk, Site, can_mount, locked_database
 from tests.harness import http_request, listening
 
@@ -233,8 +230,7 @@ OUTAGE = 30.0
 def test_sqlite_locked_for_30s(site: Site) -> None:
     proc = site.serve()
     site.wait_states(dict.fromkeys(TENANTS, "running"))
-    register(site, "slow:w1", "slow:w2")
-    time.sleep(2)  # the supervisor's sync (1 s), then the proxy's table reload
+    site.register("slow:w1", "slow:w2")
     with Load(site, clients=4) as load:
         with locked_database(site):
             began = time.monotonic()
@@ -271,21 +267,6 @@ def wake_timed(site: Site, key: str) -> tuple[int, float]:
     return status, time.monotonic() - began
 
 
-def register(site: Site, *keys: str) -> None:
-    code = "from instances import operations as ops\n" + "".join(
-        f"ops.register({k!r}, start=False)\n" for k in keys
-    )
-    made = subprocess.run(
-        [sys.executable, str(REPO / "manage.py"), "shell", "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env={**site.env, "TENEMENT_DATA_DIR": str(site.data)},
-        cwd=REPO,
-    )
-    assert made.returncode == 0, made.stderr
-
-
 Answer = tuple[int, str, float]
 
 
@@ -308,7 +289,7 @@ def hold_many(site: Site, key: str, n: int) -> list[concurrent.futures.Future[An
 @pytest.mark.parametrize("race", ["operator-stop", "deregistration", "supervisor-restart"])
 def test_wake_racing(site: Site, race: str) -> None:
     proc = site.serve()
-    register(site, "slow:w")
+    site.register("slow:w")
     held = hold_many(site, "slow:w", 10)
     site.wait_states({"slow:w": "starting"}, timeout=20)
     if race == "operator-stop":
@@ -360,9 +341,8 @@ def test_postgresql_stopped_for_30s(short_tmp: Path) -> None:
         url = postgres.create_database(cluster.url, "tenement_chaos")
         site.env["DATABASE_URL"] = url
         proc = site.serve()
-        register(site, "slow:w1")
+        site.register("slow:w1")
         site.wait_for("all running", lambda: pg_states(url, TENANTS) == ["running"] * 4, 30)
-        time.sleep(2)  # the supervisor's sync (1 s), then the proxy's table reload
         with Load(site, clients=4) as load:
             site.wait_for("requests to succeed", lambda: load.first_ok_after(0) is not None)
             cluster.stop_immediately()
