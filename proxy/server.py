@@ -195,8 +195,6 @@ def http_task(
             proxy_headers=False,
         )
         server = EmbeddedServer(config)
-        if not private:
-            await warm_up_proxy()
         name = sock.getsockname()
         log.info("serving http%s on %s", " (metrics)" if private else "", name)
         serving = asyncio.create_task(server.serve(sockets=[sock]), name="tenement-uvicorn")
@@ -210,19 +208,6 @@ def http_task(
             raise RuntimeError("the HTTP server stopped unexpectedly")
 
     return serve
-
-
-async def warm_up_proxy() -> None:
-    """Load the routing table now, not on the first tenant request: a database that
-    goes away later then costs routing nothing (the proxy keeps its snapshot)."""
-    from django.db import DatabaseError
-
-    from proxy.state import current
-
-    try:
-        await current()
-    except DatabaseError as e:  # the first request tries again
-        log.warning("cannot load the routing table yet: %s", e)
 
 
 async def drain(

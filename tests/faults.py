@@ -88,6 +88,10 @@ class Site(Deployment):
         assert made.returncode == 0, made.stderr
         time.sleep(2)
 
+    def assert_legal_transitions(self) -> None:
+        """lifecycle.LEGAL is the table of transitions; the supervisor logs any other."""
+        assert "illegal_transition" not in self.log()
+
     def log(self) -> str:
         return "\n".join(p.read_text() for p in sorted(self.root.glob("supervisor-*.log")))
 

@@ -68,6 +68,7 @@ def site(short_tmp: Path) -> Iterator[Site]:
     s = Site(short_tmp, CONFIG, TENEMENT_DRAIN_TIMEOUT="1")
     try:
         yield s
+        s.assert_legal_transitions()
     finally:
         s.cleanup()
 

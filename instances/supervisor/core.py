@@ -53,7 +53,9 @@ _running: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Supervisor] = (
 ACTIVITY_FLUSH_INTERVAL = 5.0
 HEARTBEAT_INTERVAL = 5.0
 SHUTDOWN_SLACK = 1.0  # on top of the longest stop_timeout, for the exits to be reaped
-MIRROR_FLUSH_TIMEOUT = 0.5  # at exit: the mirror may lag, the pid files do not
+# At exit the mirror may lag (the pid files do not): wait this long for a write to land,
+# and this long in all for a long queue that keeps moving.
+MIRROR_FLUSH_TIMEOUT, MIRROR_FLUSH_CAP = 0.5, 1.0
 
 
 def running_here() -> Supervisor | None:
@@ -194,13 +196,7 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         await self.cancel_helpers()
         self.queue_activity(force=True)
         self.outbox.put("clear heartbeat", store.clear_heartbeat)
-        if not await self.outbox.flush(MIRROR_FLUSH_TIMEOUT):
-            log.warning(
-                "exiting with %d database writes not mirrored (the database is unavailable); "
-                "the next start corrects the mirror",
-                len(self.outbox),
-                extra={"event": "mirror_unflushed", "queued": len(self.outbox)},
-            )
+        await self.flush_mirror()
         _running.pop(asyncio.get_running_loop(), None)
         log.info("supervisor stopped", extra={"event": "supervisor_stopped"})
 
@@ -212,11 +208,25 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
             for task in late:
                 task.cancel()
             await asyncio.gather(*late, return_exceptions=True)
-        flushing = asyncio.create_task(self.logs.flush(), name="tenement-log-final-flush")
-        _done, late = await asyncio.wait([flushing], timeout=MIRROR_FLUSH_TIMEOUT)
+
+    async def flush_mirror(self) -> None:
+        """The last log lines and queued writes, together, for at most MIRROR_FLUSH_CAP."""
+        lines = asyncio.create_task(self.logs.flush(), name="tenement-log-final-flush")
+        writes = asyncio.create_task(
+            self.outbox.flush(MIRROR_FLUSH_TIMEOUT, cap=MIRROR_FLUSH_CAP),
+            name="tenement-outbox-final-flush",
+        )
+        _done, late = await asyncio.wait([lines, writes], timeout=MIRROR_FLUSH_CAP)
         for task in late:
             task.cancel()
-        await asyncio.gather(flushing, return_exceptions=True)
+        await asyncio.gather(lines, writes, return_exceptions=True)
+        if not (writes.done() and not writes.cancelled() and writes.result() is True):
+            log.warning(
+                "exiting with %d database writes not mirrored (the database is unavailable); "
+                "the next start corrects the mirror",
+                len(self.outbox),
+                extra={"event": "mirror_unflushed", "queued": len(self.outbox)},
+            )
 
     # ---- loops ---------------------------------------------------------------------
 

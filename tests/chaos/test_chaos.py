@@ -53,6 +53,7 @@ def site(short_tmp: Path) -> Iterator[Site]:
     s = Site(short_tmp, CONFIG, TENEMENT_DRAIN_TIMEOUT=str(DRAIN))
     try:
         yield s
+        s.assert_legal_transitions()
     finally:
         s.cleanup()
 
