@@ -101,13 +101,21 @@ class Outbox:
     def __len__(self) -> int:
         return len(self.pending)
 
-    async def flush(self, timeout: float) -> bool:
-        """Wait (bounded) until every queued write has landed; False if some have not."""
-        if self.idle.is_set():
-            return True
+    async def flush(self, timeout: float, cap: float | None = None) -> bool:
+        """Wait until every queued write has landed; False if some have not. Gives up
+        after `timeout` seconds without progress (a stuck database), or after `cap`
+        seconds in all (a long queue that is moving)."""
         loop = asyncio.get_running_loop()
-        waiter = loop.run_in_executor(None, self.idle.wait, timeout)
-        return await waiter
+        give_up = loop.time() + (timeout if cap is None else max(cap, timeout))
+        while not self.idle.is_set():
+            written = self.written
+            left = min(timeout, give_up - loop.time())
+            if left <= 0:
+                return False
+            if not await loop.run_in_executor(None, self.idle.wait, left):
+                if self.written == written:
+                    return False  # no progress: the database is not taking writes
+        return True
 
     def _work(self) -> None:
         while True:
