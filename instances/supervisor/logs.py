@@ -39,6 +39,7 @@ class LogCollector:
     def __init__(self, db: DbThread | None = None) -> None:
         # The supervisor's own thread: log writes never queue behind asgiref's.
         self.db = db or DbThread("tenement-db-logs")
+        self.flushing = asyncio.Lock()
         self.buffer: list[CapturedLine] = []
         self.full = asyncio.Event()
         # Rows per instance since the last trim, so retention costs no COUNT per flush.
@@ -83,7 +84,14 @@ class LogCollector:
             self.full.set()
 
     async def flush(self) -> bool:
-        """Write what is buffered and apply retention. Returns whether anything was written."""
+        """Write what is buffered and apply retention. Returns whether anything was written.
+
+        One flush at a time: when it returns, every line captured before the call is
+        written, including those a concurrent flush (the loop's) had already taken."""
+        async with self.flushing:
+            return await self.flush_now()
+
+    async def flush_now(self) -> bool:
         self.full.clear()
         for pk, n in self.dropped.items():
             log.warning("instance %s: dropped %d log lines (logging faster than stored)", pk, n)
