@@ -11,6 +11,8 @@ import asyncio
 import contextlib
 from typing import TYPE_CHECKING
 
+from django.db import DatabaseError
+
 from instances.ids import InstanceKey
 from instances.supervisor import health, store
 from instances.supervisor.runtime import Desired, Runtime, State
@@ -80,8 +82,11 @@ class Waker:
     async def sync_and_get(self: Supervisor, key: InstanceKey) -> Runtime:
         """A key the proxy routes but we have not loaded: registered a moment ago by another
         process (the dashboard, the API). Look now rather than refuse its first request."""
-        async with self._sync_lock:
-            await self.sync_desired()
+        try:
+            async with self._sync_lock:
+                await self.sync_desired()
+        except DatabaseError as e:
+            raise InstanceUnavailable(f"{key} is not known yet and the database is down") from e
         if (rt := self.runtimes.get(key)) is None:
             raise InstanceUnavailable(f"{key} is not registered")
         return rt
