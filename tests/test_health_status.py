@@ -182,7 +182,8 @@ def test_status_counts_wakes_connections_and_errors(server: Server) -> None:
         held = pool.submit(server.get, "/", "carol.slow.localhost")
         during = server.wait_json(
             "/status",
-            lambda _, b: b["wakes_in_flight"],
+            # The held request, and the start the supervisor records (written behind it).
+            lambda _, b: b["wakes_in_flight"] and b["instances"]["by_service"]["slow"]["starting"],
             "a wake in flight",
             timeout=20,
             private=True,

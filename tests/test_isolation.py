@@ -294,7 +294,7 @@ def test_cpu_shares_split_a_contended_core(deployment: tuple[Deployment, int]) -
 
 def test_cgroups_are_gone_after_stop(deployment: tuple[Deployment, int]) -> None:
     d, _ = deployment
-    host = cgroups.probe()
+    host = cgroups.probe(cgroups.base_name_for(d.data))
     assert host is not None, "this host has no writable cgroup hierarchy"
     folders = [base / "bomb-trudy" for base in host.bases.values()]
     assert any(f.exists() for f in folders)

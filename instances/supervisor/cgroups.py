@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import signal
@@ -124,8 +125,19 @@ def enter(procs_files: tuple[str, ...]) -> None:
 # ---- finding where we may create cgroups ----------------------------------------------
 
 
-def probe(base_name: str = "tenement") -> CgroupHost | None:
+def base_name_for(data_dir: str | os.PathLike[str]) -> str:
+    """One folder per data dir: two supervisors on a host (or a test beside a deployment)
+    must never see, reuse or clean up each other's instance cgroups."""
+    digest = hashlib.sha256(os.fsencode(os.path.abspath(data_dir))).hexdigest()[:12]
+    return f"tenement-{digest}"
+
+
+def probe(base_name: str | None = None) -> CgroupHost | None:
     """The cgroup hierarchy we can write to, preferring a delegated v2 one."""
+    if base_name is None:
+        from django.conf import settings
+
+        base_name = base_name_for(settings.TENEMENT_DATA_DIR)
     own = _own_cgroups()
     v2 = _probe_v2(own.get(""), base_name)
     if v2 is not None:
@@ -216,6 +228,13 @@ def _probe_v1(own: dict[str, str], base_name: str) -> CgroupHost | None:
     return CgroupHost(1, bases) if bases else None
 
 
+def release(host: CgroupHost | None) -> None:
+    """At exit: drop our (empty by then) base folders; a busy one is left as it is."""
+    for base in set(host.bases.values()) if host else ():
+        with contextlib.suppress(OSError):
+            base.rmdir()
+
+
 # ---- one instance ---------------------------------------------------------------------
 
 
@@ -254,12 +273,17 @@ def create(host: CgroupHost, name: str, spec: ServiceSpec) -> InstanceCgroup:
         with contextlib.suppress(FileExistsError):
             folder.mkdir()
     group = InstanceCgroup(host.version, dirs)
+    group.procs_files = tuple(str(d / "cgroup.procs") for d in set(dirs.values()))
+    # Still populated: leftovers of this instance from a supervisor that died without
+    # cleaning up (the data dir lock says no other supervisor owns them). Never two copies.
+    if leftovers := group.pids():
+        log.warning("%s: killing %d leftover process(es) of a previous run", name, len(leftovers))
+        group.kill_all()
     try:
         _apply_limits(group, spec)
     except OSError as e:
         group.remove()
         raise CgroupError(f"cannot set limits in {dirs}: {e.strerror or e}") from None
-    group.procs_files = tuple(str(d / "cgroup.procs") for d in set(dirs.values()))
     return group
 
 

@@ -14,7 +14,8 @@ from django.core.management.base import BaseCommand, CommandError
 from instances.config import ConfigError, load_config
 from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
-from instances.supervisor.isolation import isolation_report, mask
+from instances.supervisor.cgroups import release as release_cgroups
+from instances.supervisor.isolation import host, isolation_report, mask
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
@@ -95,6 +96,7 @@ class Command(BaseCommand):
         supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             code = runner.run(supervisor.run())
+        release_cgroups(host().cgroups)
         exit_now_if_stuck(code)
         if code:
             raise SystemExit(code)
