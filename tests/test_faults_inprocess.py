@@ -15,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.db import OperationalError, connection
 
 from instances.models import Event, Instance
-from tests.test_supervisor import KEY, make_service, register, supervising
+from tests.test_supervisor import KEY, make_service, operator_stop, register, supervising
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
 
@@ -30,7 +30,7 @@ async def test_defect_09_stop_of_an_app_exiting_at_that_moment(short_tmp: Path) 
             # below is already under way.
             os.killpg(rt.proc.pid, signal.SIGKILL)
             await asyncio.wait_for(sup.request_stop(rt, "manual"), 10)  # no AttributeError
-        await asyncio.wait_for(sup.halt(KEY), 10)
+        await asyncio.wait_for(operator_stop(sup, KEY), 10)
         assert rt.state == "stopped" and rt.proc is None
     kinds = await sync_to_async(transitions)("alice")
     assert kinds[-1] == "stopped"

@@ -99,6 +99,17 @@ async def aevents(key: str, kind: str | None = None) -> list[Event]:
 KEY = InstanceKey("app", "alice")
 
 
+async def operator_stop(sup: Supervisor, key: InstanceKey) -> None:
+    """An operator's stop as the CLI or the API makes it: desired state in the database,
+    picked up by the supervisor's sync and acted on by its reconcile pass."""
+    await sync_to_async(ops.request_stop)(str(key))
+    await sup.sync_desired()
+    sup.tick()
+    rt = sup.runtimes[key]
+    if rt.stop_task is not None:
+        await rt.stop_task
+
+
 async def mirrored_row(instance_id: str) -> Instance:
     if (sup := running_here()) is not None:
         assert await sup.outbox.flush(10)
@@ -256,7 +267,7 @@ async def test_app_ignoring_sigterm_is_killed_after_stop_timeout(short_tmp: Path
         rt = await sup.wake(KEY)
         pid = rt.proc.pid
         started = time.monotonic()
-        await sup.halt(KEY)
+        await operator_stop(sup, KEY)
         took = time.monotonic() - started
         assert rt.state == "stopped"
         assert 0.7 <= took < 3
@@ -325,7 +336,7 @@ async def test_data_dir_persists_across_restarts_and_differs_per_tenant(short_tm
         alice = await sup.wake(KEY)
         sock = alice.spec.socket_path("alice")
         assert [(await http_get(sock, "/count"))[1] for _ in range(2)] == [b"1", b"2"]
-        await sup.halt(KEY)
+        await operator_stop(sup, KEY)
         await sup.wake(KEY)
         assert (await http_get(sock, "/count"))[1] == b"3"
         bob = await sup.wake(InstanceKey("app", "bob"))
@@ -363,11 +374,11 @@ async def test_no_fd_thread_or_child_growth_over_many_cycles(short_tmp: Path) ->
     me = psutil.Process()
     async with supervising(short_tmp) as sup:
         await sup.wake(KEY)
-        await sup.halt(KEY)
+        await operator_stop(sup, KEY)
         baseline = (me.num_fds(), me.num_threads(), len(me.children()))
         for _ in range(15):
             await sup.wake(KEY)
-            await sup.halt(KEY)
+            await operator_stop(sup, KEY)
         await asyncio.sleep(0.1)
         after = (me.num_fds(), me.num_threads(), len(me.children()))
     assert after[0] <= baseline[0] + 2, (baseline, after)

@@ -37,7 +37,7 @@ class InstanceRefused(InstanceUnavailable):
 
 
 class Waker:
-    """Supervisor mixin: wakes, and operator stops from inside this process."""
+    """Supervisor mixin: wakes, and their cancellation."""
 
     async def wake(self: Supervisor, key: InstanceKey, timeout: float | None = None) -> Runtime:
         """Make sure `key` is running and ready; raise InstanceUnavailable if it cannot be."""
@@ -104,15 +104,6 @@ class Waker:
             async with asyncio.timeout(EXIT_NOTICE_TIMEOUT):
                 while rt.ready.is_set():
                     await rt.changed.wait()
-
-    async def halt(self: Supervisor, key: InstanceKey) -> None:
-        """Operator stop from inside this process: desired stopped, then stop and wait."""
-        rt = self.runtimes[key]
-        rt.desired = Desired.STOPPED
-        self.cancel_wakes(rt, "stopped by the operator")
-        self.outbox.put("halt", store.update, rt.pk, desired_state=Desired.STOPPED)
-        if task := self.request_stop(rt, "manual"):
-            await task
 
     def want_running(self: Supervisor, rt: Runtime) -> None:
         if rt.desired == Desired.RUNNING:
