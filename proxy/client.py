@@ -17,6 +17,24 @@ from typing import Any
 READ_AHEAD = 64 * 1024  # body bytes buffered while watching; then watching stops
 
 
+class ClientGone(Exception):
+    """The client disconnected; drop the upstream exchange."""
+
+
+async def hold(client: ClientReader, wake: Callable[[], Awaitable[str]], name: str) -> str:
+    """Await `wake()` (the socket of a woken instance), but raise ClientGone as soon as
+    the client leaves: it is dropped from the hold (and the held-request count) at once."""
+    waking = asyncio.create_task(wake(), name=name)
+    client.watch(waking.cancel)
+    try:
+        return await waking
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if client.gone and task is not None and not task.cancelling():
+            raise ClientGone from None  # the wake was cancelled for the client, not us
+        raise
+
+
 class ClientReader:
     def __init__(self, receive: Callable[[], Awaitable[dict[str, Any]]], name: str) -> None:
         self.raw = receive
@@ -52,15 +70,19 @@ class ClientReader:
     async def read_ahead(self) -> None:
         buffered = sum(len(m.get("body", b"")) for m in self.ahead)
         while buffered < READ_AHEAD:
-            if self.ahead and self.ahead[-1]["type"] == "http.disconnect":
+            if self.ahead and _is_disconnect(self.ahead[-1]):
                 return
             message = await self.raw()
             self.ahead.append(message)
-            if message["type"] == "http.disconnect":
+            if _is_disconnect(message):
                 self.gone = True
                 self.on_gone()
                 return
             buffered += len(message.get("body", b""))
+
+
+def _is_disconnect(message: dict[str, Any]) -> bool:
+    return message["type"] in ("http.disconnect", "websocket.disconnect")
 
 
 def _nothing() -> None:

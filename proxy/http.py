@@ -11,7 +11,7 @@ from typing import Any
 from django.conf import settings
 
 from proxy import headers as h
-from proxy.client import ClientReader
+from proxy.client import ClientGone, ClientReader, hold
 from proxy.responses import plain
 from proxy.session import Session
 from proxy.state import WakeRejected
@@ -30,10 +30,6 @@ REFUSED_METHODS = frozenset({"CONNECT", "TRACE"})
 # A response head slower than this gets the client watched for leaving meanwhile (not
 # at once: most heads come within milliseconds, and a watcher costs a task).
 WATCH_HEAD_AFTER = 0.25
-
-
-class ClientGone(Exception):
-    """The client disconnected; drop the upstream exchange."""
 
 
 class BodyTooLarge(Exception):
@@ -145,17 +141,11 @@ class Exchange(Session):
     async def wake(self, suspect: str | None = None) -> str:
         """Hold for the wake; a client that leaves meanwhile is dropped from it at once."""
         began = time.monotonic()
-        waking = asyncio.create_task(
-            self.state.wake(self.key, self.target.wake_timeout, suspect), name=f"wake {self.key}"
+        socket = await hold(
+            self.client,
+            lambda: self.state.wake(self.key, self.target.wake_timeout, suspect),
+            f"wake {self.key}",
         )
-        self.client.watch(waking.cancel)
-        try:
-            socket = await waking
-        except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self.client.gone and task is not None and not task.cancelling():
-                raise ClientGone from None  # the wake was cancelled for the client, not us
-            raise
         self.woke_ms = round((time.monotonic() - began) * 1000)
         return socket
 

@@ -16,6 +16,7 @@ from websockets.asyncio.client import ClientConnection, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from proxy import headers as h
+from proxy.client import ClientGone, ClientReader, hold
 from proxy.session import Session
 from proxy.state import WakeRejected
 from proxy.upstream import connect_unix
@@ -52,6 +53,8 @@ class Tunnel(Session):
         # Set when the supervisor stops the instance: the code the client gets.
         self.going_away: int | None = None
         self._closing: asyncio.Task[None] | None = None
+        self.client = ClientReader(self.receive, str(self.key))
+        self.receive = self.client.receive
 
     async def run(self) -> None:
         if (await self.receive())["type"] != "websocket.connect":
@@ -73,6 +76,8 @@ class Tunnel(Session):
         """Wake the instance, connect to it, accept the client. False if refused."""
         try:
             self.upstream = await self.connect()
+        except ClientGone:
+            return False  # it left while held for a wake: nobody to answer
         except WakeRejected as e:
             await self.refuse(503, str(e))
             return False
@@ -98,13 +103,22 @@ class Tunnel(Session):
     async def connect(self) -> ClientConnection:
         socket = self.state.running.get(self.key)
         if socket is None:
-            socket = await self.state.wake(self.key, self.target.wake_timeout)
+            socket = await self.wake()
         try:
             return await self.dial(socket)
         except (FileNotFoundError, ConnectionRefusedError):
             self.state.forget_socket(self.key, socket)  # it has just exited: wake once
-            woken = await self.state.wake(self.key, self.target.wake_timeout, suspect=socket)
-            return await self.dial(woken)
+            return await self.dial(await self.wake(suspect=socket))
+        finally:
+            await self.client.stop_watching()  # from here on the pump reads the client
+
+    async def wake(self, suspect: str | None = None) -> str:
+        """Hold the handshake for a wake; a client that leaves is dropped at once."""
+        return await hold(
+            self.client,
+            lambda: self.state.wake(self.key, self.target.wake_timeout, suspect),
+            f"ws wake {self.key}",
+        )
 
     async def dial(self, socket: str) -> ClientConnection:
         fwd = h.forwarded(self.scope, self.host, h.request_id(self.scope["headers"]))

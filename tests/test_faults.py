@@ -205,6 +205,18 @@ def test_defect_05_a_client_that_leaves_is_dropped_from_the_hold_at_once(site: S
     waited = site.wait_for("the request to be dropped", lambda: held(site) == 0, timeout=10)
     assert waited < 1.0
     assert status_json(site)["open_connections"]["total"] == 0
+    # The same for a WebSocket handshake held for the wake.
+    site.manage("stop", "slow:alice")
+    conn = socket.create_connection(("127.0.0.1", site.port), timeout=5)
+    conn.sendall(
+        b"GET / HTTP/1.1\r\nHost: alice.slow.localhost\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    site.wait_for("the handshake to be held", lambda: held(site) == 1, timeout=20)
+    conn.close()
+    waited = site.wait_for("the handshake to be dropped", lambda: held(site) == 0, timeout=10)
+    assert waited < 1.0
 
 
 def held(site: Site) -> int:
