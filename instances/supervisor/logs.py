@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
+
+from django.db import DatabaseError, transaction
 
 from instances.models import Instance, LogLine
 from instances.supervisor.persist import DbThread
@@ -100,14 +103,38 @@ class LogCollector:
             return False
         batch, self.buffer = self.buffer, []
         self.pending.clear()
-        await self.db.call(self._write, batch)
+        try:
+            await self.db.call(self._write, batch)
+        except DatabaseError:
+            self.requeue(batch)
+            raise
         return True
+
+    def requeue(self, batch: list[CapturedLine]) -> None:
+        """A write the database refused keeps its lines for the next pass (an outage
+        delays logs, like the rest of the mirror). Past MAX_BUFFERED the newest go, as in
+        add(): the lines that explain how an outage began are the ones to keep."""
+        lines = batch + self.buffer
+        for c in lines[MAX_BUFFERED:]:
+            self.dropped[c.instance_pk] = self.dropped.get(c.instance_pk, 0) + 1
+        self.buffer = lines[:MAX_BUFFERED]
+        self.pending = dict(collections.Counter(c.instance_pk for c in self.buffer))
 
     def fair_share(self) -> int:
         """Each instance with lines waiting may hold this many (at least one batch)."""
         return max(FLUSH_BATCH, MAX_BUFFERED // max(1, len(self.pending)))
 
     def _write(self, batch: list[CapturedLine]) -> None:
+        # All or nothing: a refused batch is written again later, and must not be doubled.
+        stored = dict(self.stored)
+        try:
+            with transaction.atomic():
+                self._write_rows(batch)
+        except BaseException:
+            self.stored = stored
+            raise
+
+    def _write_rows(self, batch: list[CapturedLine]) -> None:
         # Lines of an instance deregistered meanwhile have nowhere to go.
         live = set(
             Instance.objects.filter(pk__in={c.instance_pk for c in batch}).values_list(

@@ -236,6 +236,7 @@ def test_sqlite_locked_for_30s(site: Site) -> None:
         with locked_database(site):
             began = time.monotonic()
             woken = [wake_timed(site, "slow:w1")]
+            assert get(site, "app:t1", "/stderr")[0] == 200  # a log line during the outage
             time.sleep(OUTAGE / 2)
             woken.append(wake_timed(site, "slow:w2"))
             time.sleep(max(0.0, OUTAGE - (time.monotonic() - began)))
@@ -248,6 +249,7 @@ def test_sqlite_locked_for_30s(site: Site) -> None:
             ),
             timeout=30,
         )
+        site.wait_for("the outage's log line", lambda: logged(site, "app:t1", "to stderr"), 30)
     figure(
         "SQLite locked 30 s",
         requests=len(during),
@@ -260,6 +262,19 @@ def test_sqlite_locked_for_30s(site: Site) -> None:
     assert time.monotonic() - unlocked < 30
     site.stop_within(proc, limit=DRAIN + STOP_TIMEOUT + 2)
     assert site.tenants() == {}
+
+
+def logged(site: Site, key: str, text: str) -> bool:
+    service, instance_id = key.split(":")
+    rows = site.query(
+        "SELECT COUNT(*) FROM instances_logline l JOIN instances_instance i ON i.id ="
+        " l.instance_id JOIN instances_service s ON s.id = i.service_id WHERE s.name = ?"
+        " AND i.instance_id = ? AND l.text = ?",
+        service,
+        instance_id,
+        text,
+    )
+    return rows[0][0] > 0
 
 
 def wake_timed(site: Site, key: str) -> tuple[int, float]:
