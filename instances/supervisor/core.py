@@ -197,6 +197,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         self.queue_activity(force=True)
         self.outbox.put("clear heartbeat", store.clear_heartbeat)
         await self.flush_mirror()
+        for thread in (self.reader, self.outbox, self.logs.db):
+            thread.close()  # their connections too: nothing of ours outlives the run
         _running.pop(asyncio.get_running_loop(), None)
         log.info("supervisor stopped", extra={"event": "supervisor_stopped"})
 

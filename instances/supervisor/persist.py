@@ -46,18 +46,26 @@ class DbThread:
         self.jobs: collections.deque[tuple[Callable[[], Any], concurrent.futures.Future[Any]]]
         self.jobs = collections.deque()
         self.has_job = threading.Event()
+        self.closing = False
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
     async def call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run fn(*args, **kwargs) on this thread; a cancelled caller does not wait."""
+        if self.closing:
+            raise RuntimeError(f"{self.name} is closed")
         future: concurrent.futures.Future[T] = concurrent.futures.Future()
         self.jobs.append((functools.partial(fn, *args, **kwargs), future))
         self.has_job.set()
         return await asyncio.wrap_future(future)
 
+    def close(self) -> None:
+        """Finish the calls queued so far, close the connection, end the thread."""
+        self.closing = True
+        self.has_job.set()
+
     def _work(self) -> None:
-        while True:
+        while not (self.closing and not self.jobs):
             self.has_job.wait()
             self.has_job.clear()
             while self.jobs:
@@ -70,6 +78,7 @@ class DbThread:
                     if isinstance(e, DatabaseError):
                         _close_connection()
                     future.set_exception(e)
+        _close_connection()
 
 
 class Outbox:
@@ -88,6 +97,7 @@ class Outbox:
         self.idle.set()
         self.failing_since: float | None = None
         self.written = 0
+        self.closing = False
         self.thread = threading.Thread(target=self._work, name=name, daemon=True)
         self.thread.start()
 
@@ -117,19 +127,31 @@ class Outbox:
                     return False  # no progress: the database is not taking writes
         return True
 
-    def _work(self) -> None:
-        while True:
-            self.has_work.wait()
-            self.has_work.clear()
-            while self.pending:
-                what, write = self.pending[0]
-                self._apply(what, write)
-                with self.lock:
-                    self.pending.popleft()
-                    if not self.pending:
-                        self.idle.set()
+    def close(self) -> None:
+        """After a flush: end the thread once the queue is empty, or at once if the
+        database refuses (what is left, the next start corrects)."""
+        self.closing = True
+        self.has_work.set()
 
-    def _apply(self, what: str, write: Callable[[], Any]) -> None:
+    def _work(self) -> None:
+        try:
+            while not (self.closing and not self.pending):
+                self.has_work.wait()
+                self.has_work.clear()
+                while self.pending:
+                    what, write = self.pending[0]
+                    if not self._apply(what, write):
+                        return  # closing, and the database refuses: leave the rest
+                    with self.lock:
+                        self.pending.popleft()
+                        if not self.pending:
+                            self.idle.set()
+        finally:
+            _close_connection()
+
+    def _apply(self, what: str, write: Callable[[], Any]) -> bool:
+        """Apply one write, retrying while the database refuses; False if we are closing
+        meanwhile (the write is left undone)."""
         delay = RETRY_FIRST
         while True:
             try:
@@ -137,6 +159,8 @@ class Outbox:
             except (OperationalError, InterfaceError) as e:
                 _close_connection()
                 self._note_failure(what, e)
+                if self.closing:
+                    return False
                 time.sleep(delay)  # this thread's own backoff; nothing else waits on it
                 delay = min(delay * 2, RETRY_MAX)
                 continue
@@ -150,7 +174,7 @@ class Outbox:
                 )
             self.written += 1
             self._note_recovery()
-            return
+            return True
 
     def _note_failure(self, what: str, error: Exception) -> None:
         if self.failing_since is None:
