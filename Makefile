@@ -25,6 +25,7 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev $(TEN)
 	./scripts/system-deps.sh bench
 	$(VENV)/bin/python bench/supervisor_idle.py
+	$(VENV)/bin/python bench/isolation.py
 	$(VENV)/bin/python bench/proxy.py
 	$(VENV)/bin/python bench/log_search.py
 	$(VENV)/bin/python bench/dashboard.py
