@@ -8,10 +8,12 @@ from __future__ import annotations
 import os
 import warnings
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from proxy.limits import parse_networks
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
     data_dir_from_env,
@@ -33,6 +35,22 @@ def env_bool(name: str, default: bool = False) -> bool:
 def env_int(name: str, default: int) -> int:
     value = os.environ.get(name)
     return int(value) if value else default
+
+
+def env_positive(name: str, default: float, kind: type[int] | type[float] = int) -> Any:
+    """A limit from the environment: a positive number, or start-up stops naming it."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not 0 < number < 2**31 or number != number:  # also refuses nan
+        raise ImproperlyConfigured(
+            f"{name}: {value!r} is not a positive {kind.__name__} (default {default})"
+        )
+    return number
 
 
 TENEMENT_DATA_DIR = data_dir_from_env()
@@ -59,6 +77,23 @@ if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
     )
 # storage_quota_mb: how often each running tenant's data dir is measured (seconds).
 TENEMENT_STORAGE_CHECK_SECONDS = float(os.environ.get("TENEMENT_STORAGE_CHECK_SECONDS") or 60)
+# The edge (README "Edge limits"): checked in the server's protocol layer before any
+# parsing past the limit, routing or waking. Sizes in KiB, times in seconds.
+TENEMENT_MAX_HEADER_KB = env_positive("TENEMENT_MAX_HEADER_KB", 64)
+TENEMENT_MAX_HEADER_LINE_KB = env_positive("TENEMENT_MAX_HEADER_LINE_KB", 8)
+TENEMENT_MAX_HEADERS = env_positive("TENEMENT_MAX_HEADERS", 100)
+TENEMENT_MAX_URL_KB = env_positive("TENEMENT_MAX_URL_KB", 8)
+TENEMENT_HEADER_TIMEOUT = env_positive("TENEMENT_HEADER_TIMEOUT", 10.0, float)
+TENEMENT_KEEPALIVE_TIMEOUT = env_positive("TENEMENT_KEEPALIVE_TIMEOUT", 15.0, float)
+TENEMENT_BODY_TIMEOUT = env_positive("TENEMENT_BODY_TIMEOUT", 60.0, float)
+TENEMENT_MAX_CONNECTIONS = env_positive("TENEMENT_MAX_CONNECTIONS", 10_000)
+TENEMENT_MAX_CONNECTIONS_PER_ADDRESS = env_positive("TENEMENT_MAX_CONNECTIONS_PER_ADDRESS", 256)
+TENEMENT_FD_RESERVE = env_positive("TENEMENT_FD_RESERVE", 128)
+# Peers whose Forwarded/X-Forwarded-* headers are believed (comma-separated IPs or CIDR
+# networks). Empty: every client's own copies are replaced.
+TENEMENT_TRUSTED_PROXIES = parse_networks(
+    os.environ.get("TENEMENT_TRUSTED_PROXIES", ""), "TENEMENT_TRUSTED_PROXIES"
+)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 
