@@ -99,7 +99,9 @@ class HostRouter:
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":
-            await plain(send, status, detail)
+            # After a malformed request nothing that follows on the connection is trusted.
+            extra = [(b"connection", b"close")] if status == 400 else None
+            await plain(send, status, detail, extra=extra)
         else:
             # Before accept, a close makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})

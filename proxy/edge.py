@@ -51,6 +51,21 @@ def canned(status: int, reason: str, retry_after: int | None = None) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode() + body
 
 
+def header_value(headers: list[tuple[bytes, bytes]], name: bytes) -> bytes | None:
+    for key, value in headers:
+        if key == name:
+            return value
+    return None
+
+
+def absolute_authority(url: bytes) -> bytes | None:
+    """b'http://Host:1/x' -> b'host:1'; None for anything not absolute-form."""
+    scheme, sep, rest = url.partition(b"://")
+    if not sep or scheme.lower() not in (b"http", b"https"):
+        return None
+    return rest.split(b"/", 1)[0].split(b"?", 1)[0].lower()
+
+
 class EdgeHttpProtocol(HttpToolsProtocol):
     """Takes `gate` (shared by all connections of one server) as a keyword argument."""
 
@@ -192,6 +207,7 @@ class EdgeHttpProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self.in_head = False
         self.cancel_head_timer()
+        self.check_framing()
         super().on_headers_complete()
         if not self.parser.should_upgrade():
             self.body_read_at = time.monotonic()
@@ -205,6 +221,22 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         self.in_head, self.head_bytes = True, 0
         self.cancel_body_timer()
         super().on_message_complete()
+
+    def check_framing(self) -> None:
+        """Refuse the ambiguous forms llhttp accepts, so no hop reads them differently."""
+        url = self.url
+        if not url.startswith(b"/"):
+            if url == b"*":
+                if self.parser.get_method() != b"OPTIONS":
+                    raise Refused(400, "the target '*' is for OPTIONS only")
+            elif absolute_authority(url) != (header_value(self.headers, b"host") or b"").lower():
+                # An origin server may take absolute-form, but then its authority, not
+                # Host, names the site (RFC 9112 §3.2.2): accept it only when they agree.
+                raise Refused(400, "an absolute-form target must name the Host it is sent to")
+        if self.parser.get_http_version() == "1.0" and header_value(
+            self.headers, b"transfer-encoding"
+        ):
+            raise Refused(400, "Transfer-Encoding in an HTTP/1.0 request")  # RFC 9112 §6.1
 
     # Timers
 
