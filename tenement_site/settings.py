@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -99,9 +100,10 @@ TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 
 SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# Tenant subdomains never reach Django (proxy/app.py routes them to their apps), so they
+# are not listed: Django's host checks see the control host alone.
 ALLOWED_HOSTS = [
     TENEMENT_DOMAIN,
-    f".{TENEMENT_DOMAIN}",
     "127.0.0.1",
     "[::1]",
     *filter(None, os.environ.get("TENEMENT_ALLOWED_HOSTS", "").split(",")),
@@ -115,6 +117,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -133,7 +136,26 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After authentication: it refuses logins of a locked-out account or address.
+    "axes.middleware.AxesMiddleware",
+    "tenement_site.control.DatabaseBusy",
 ]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling (django-axes), per account and per address separately: after this
+# many failures either is locked for the cool-off, the right password included.
+AXES_FAILURE_LIMIT = env_positive("TENEMENT_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_positive("TENEMENT_LOGIN_COOLOFF_MINUTES", 15.0, float))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "tenement_site.control.client_ip"
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+# The control host reads bodies up to this size into memory; larger get 413 before auth.
+TENEMENT_CONTROL_MAX_BODY_KB = env_positive("TENEMENT_CONTROL_MAX_BODY_KB", 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = TENEMENT_CONTROL_MAX_BODY_KB * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = TENEMENT_CONTROL_MAX_BODY_KB * 1024
 if TENEMENT_METRICS:
     # django-prometheus's request metrics: its "before" first, its "after" last.
     MIDDLEWARE = [
@@ -195,7 +217,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["instances.api.auth.ScopePermission"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["instances.api.errors.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "instances.api.schema.TenementSchema",
     "EXCEPTION_HANDLER": "instances.api.errors.handle",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
