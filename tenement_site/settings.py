@@ -251,7 +251,9 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = TENEMENT_DATA_DIR / "staticfiles"
+# Outside every service's tree ({data_dir}/{service}/{id}): no service name can start
+# with a dot, so no tenant's files can land in what whitenoise serves under /static/.
+STATIC_ROOT = TENEMENT_DATA_DIR / ".static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
 # Serve straight from the source folders so the embedded default needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
