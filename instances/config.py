@@ -21,7 +21,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from instances import config_checks
 from instances.ids import check_label
 from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
-from instances.spec import ServiceSpec, isolation_fields
+from instances.spec import MAX_SOCKET_PATH, ServiceSpec, isolation_fields
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UID_RANGE_RE = re.compile(r"(\d{1,10})-(\d{1,10})")

@@ -114,7 +114,7 @@ def path_problems(
         where = f"service.{name}.socket"
         # Listed instances are checked by the loader; this catches a template that can
         # never fit, before any tenant is listed.
-        longest = max({sock, spec.app_socket_path(instance_id)}, key=os.fsencode)
+        longest = max({sock, spec.app_socket_path(instance_id)}, key=lambda p: len(os.fsencode(p)))
         if instance_id == SAMPLE_ID and len(os.fsencode(longest)) > MAX_SOCKET_PATH:
             problems.append(
                 f"{where}: {longest!r} is longer than the {MAX_SOCKET_PATH}-byte Unix socket "

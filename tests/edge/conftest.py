@@ -20,10 +20,10 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, TENANT_UVICORN
 from tests.harness import Deployment, free_port
 
-APP = f"{sys.executable} -m uvicorn --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
+APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [settings]
 health_check_interval = 1
@@ -119,6 +119,7 @@ def edge_deployment(env: dict[str, str] | None = None, nofile: int | None = None
     @pytest.fixture(scope="module")
     def fixture() -> Iterator[Edge]:
         root = Path(tempfile.mkdtemp(prefix="te", dir="/tmp"))
+        root.chmod(0o711)  # tenants run as their own uids and must pass through
         edge = Edge(root, {**EDGE_ENV, **(env or {})}, nofile)
         try:
             edge.wait_states({"web:alice": "running", "web:bob": "running"}, timeout=60)
