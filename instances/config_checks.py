@@ -120,7 +120,10 @@ def path_problems(
                 f"{where}: {longest!r} is longer than the {MAX_SOCKET_PATH}-byte Unix socket "
                 "limit even for a one-letter tenant id"
             )
-        problems += socket_placement(where, sock, data_dir, own)
+        # Both where the app binds (its view) and where we connect (in a namespace they
+        # differ when the template's folder is shared).
+        for path in dict.fromkeys([spec.app_socket_path(instance_id), sock]):
+            problems += socket_placement(where, path, data_dir, own)
     if fields.get("workdir"):
         workdir = str(spec.cwd(instance_id))
         problems += workdir_placement(f"service.{name}.workdir", workdir, data_dir, own)

@@ -21,6 +21,7 @@ pytestmark = [pytest.mark.timeout(60)]
 
 A = '[service.a]\ncommand = "python3"\n'
 B = '[service.b]\ncommand = "python3"\n'
+SHARED = 'socket = "{data_dir}/run/{id}.sock"\n'
 
 
 def refused(tmp: Path, text: str) -> str:
@@ -41,12 +42,10 @@ def refused(tmp: Path, text: str) -> str:
         (A + 'socket = "{data_dir}/{id}.sock"\n', "service.a.socket: resolves to"),
         (A + 'socket = "{data_dir}/staticfiles/{id}.sock"\n', "among tenement's own files"),
         (A + 'socket = "{data_dir}/b/{id}/app.sock"\n', "inside another tenant's data directory"),
-        # Two services whose tenants of the same id would share one socket.
+        # Two services whose tenants of the same id would share one socket (without a
+        # namespace, which gives each instance a socket folder of its own).
         (
-            A
-            + 'socket = "{data_dir}/run/{id}.sock"\n'
-            + B
-            + 'socket = "{data_dir}/run/{id}.sock"\n',
+            A + SHARED + 'isolation = "process"\n' + B + SHARED + 'isolation = "process"\n',
             "service.b.socket: '",
         ),
         # Workdir traversal, and another tenant's directory as working directory.
