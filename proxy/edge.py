@@ -18,7 +18,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
-from proxy.limits import EdgeLimits, Gate, Slot
+from proxy.limits import EdgeLimits, Gate, Slot, log_throttle
 
 log = logging.getLogger("tenement.edge")
 
@@ -73,7 +73,6 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.gate = gate
         self.limits: EdgeLimits = gate.limits
-        self.timeout_keep_alive = self.limits.keepalive_timeout
         self.slot: Slot | None = None
         self.in_head = True  # between requests, or inside a request's head
         self.head_bytes = 0
@@ -88,7 +87,8 @@ class EdgeHttpProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         admitted = self.gate.admit(self.client[0] if self.client else None)
         if isinstance(admitted, str):
-            log.warning("connection refused: too many %s", admitted)
+            if (held := log_throttle.allow(admitted)) is not None:
+                log.warning("connection refused: too many %s (%d more not logged)", admitted, held)
             self.transport.write(canned(503, f"too many {admitted}", retry_after=5))
             self.transport.close()
             return
@@ -182,7 +182,14 @@ class EdgeHttpProtocol(HttpToolsProtocol):
             # The app, if it is still at work on this request, sees a disconnect.
             cycle.disconnected = True
             cycle.message_event.set()
-        log.info("request refused: %d %s", status, reason, extra={"status": status})
+        if (held := log_throttle.allow(str(status))) is not None:
+            log.info(
+                "request refused: %d %s (%d more not logged)",
+                status,
+                reason,
+                held,
+                extra={"status": status},
+            )
         self.transport.close()
 
     # Parser callbacks

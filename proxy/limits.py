@@ -151,6 +151,28 @@ class Shedding:
 shedding = Shedding()
 
 
+class LogThrottle:
+    """At most one log line per kind a second: under a flood, logging every refusal would
+    cost more than refusing. The lines held back are counted into the next one."""
+
+    def __init__(self, interval: float = 1.0) -> None:
+        self.interval = interval
+        self.last: dict[str, float] = {}
+        self.held: Counter[str] = Counter()
+
+    def allow(self, kind: str) -> int | None:
+        """None to stay quiet; else how many lines of this kind were held back."""
+        now = time.monotonic()
+        if now - self.last.get(kind, -self.interval) < self.interval:
+            self.held[kind] += 1
+            return None
+        self.last[kind] = now
+        return self.held.pop(kind, 0)
+
+
+log_throttle = LogThrottle()
+
+
 class Gate:
     """Admits client connections under the caps; each admitted one holds a Slot."""
 

@@ -26,7 +26,7 @@ from tests.harness import Deployment, free_port
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [settings]
-health_check_interval = 1
+health_check_interval = 2
 
 [service.web]
 command = "{APP} --log-level warning"
