@@ -186,3 +186,22 @@ def test_login_is_throttled_per_address() -> None:
     assert login("guess4", "wrong", "10.0.0.9") == 429
     assert login("op", "right", "10.0.0.9") == 429
     assert login("op", "right", "10.0.0.10") == 302  # another address, not locked
+
+
+# ---- CSRF and cookies ------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_csrf_trusts_only_the_control_hosts_own_origin() -> None:
+    get_user_model().objects.create_user("op", password="right", is_staff=True)
+    client = Client(HTTP_HOST="localhost:8000", enforce_csrf_checks=True)
+    page = client.get("/accounts/login/")
+    cookie = client.cookies["csrftoken"]
+    assert cookie["domain"] == ""  # host-only: never sent to, or set from, a subdomain
+    token = page.context["csrf_token"]
+    form = {"username": "op", "password": "right", "csrfmiddlewaretoken": token}
+    tenant = client.post("/accounts/login/", form, HTTP_ORIGIN="http://alice.notes.localhost:8000")
+    assert tenant.status_code == 403
+    own = client.post("/accounts/login/", form, HTTP_ORIGIN="http://localhost:8000")
+    assert own.status_code == 302
+    assert client.cookies["sessionid"]["domain"] == ""
