@@ -72,12 +72,12 @@ class Edge(Deployment):
     def limit_fds(self) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
 
-    def connect(self, timeout: float = 10) -> socket.socket:
+    def dial(self, timeout: float = 10) -> socket.socket:
         return socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
 
     def exchange(self, raw: bytes, timeout: float = 10) -> bytes:
         """Send raw bytes on a new connection; everything received until it closes."""
-        with self.connect(timeout) as s:
+        with self.dial(timeout) as s:
             s.sendall(raw)
             return read_all(s)
 

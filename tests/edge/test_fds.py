@@ -28,7 +28,7 @@ def slowloris(edge: Edge, n: int) -> tuple[list[socket.socket], int]:
     opened = []
     for _ in range(n):
         try:
-            s = edge.connect(timeout=2)
+            s = edge.dial(timeout=2)
             s.sendall(b"GET / HTTP/1.1\r\nHost: alice.web.localhost\r\nX-A: ")
             opened.append(s)
         except OSError:
@@ -99,7 +99,7 @@ def test_with_almost_no_reserve_tenants_still_stay_running(starved: Edge) -> Non
     finally:
         close_all(held)
     time.sleep(0.5)
-    with starved.connect() as s:
+    with starved.dial() as s:
         s.sendall(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         response = read_all(s)
     body = json.loads(response.split(b"\r\n\r\n", 1)[1])

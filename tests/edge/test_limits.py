@@ -23,7 +23,7 @@ def send_huge_header(edge: Edge, total: int, chunk: int, pause: float) -> tuple[
 
     Stops sending as soon as the server answers (or closes): it never reads past the limit.
     """
-    s = edge.connect()
+    s = edge.dial()
     try:
         s.sendall(HEAD + b"X-Big: ")
         sent, crossed = len(HEAD) + 7, None
@@ -110,21 +110,21 @@ def test_websocket_handshake_with_a_big_header_gets_an_answer(edge: Edge) -> Non
     )
     assert status_of(edge.exchange(handshake)) == 431
     # And an ordinary handshake still works.
-    sock = edge.connect()
+    sock = edge.dial()
     with ws_connect("ws://alice.web.localhost/ws", sock=sock, open_timeout=10) as ws:
         ws.send("hi")
         assert ws.recv(timeout=10) == "hi"
 
 
 def test_idle_connection_is_closed_by_the_header_timeout(edge: Edge) -> None:
-    with edge.connect() as s:
+    with edge.dial() as s:
         began = time.monotonic()
         assert read_all(s) == b""  # closed, nothing said: it never asked anything
         assert 0.8 < time.monotonic() - began < 3
 
 
 def test_slow_head_gets_408(edge: Edge) -> None:
-    with edge.connect() as s:
+    with edge.dial() as s:
         began = time.monotonic()
         for byte in HEAD[:8]:  # a byte every 100 ms, less than the whole head in time
             s.sendall(bytes([byte]))
@@ -135,7 +135,7 @@ def test_slow_head_gets_408(edge: Edge) -> None:
 
 
 def test_idle_keep_alive_connection_is_closed(edge: Edge) -> None:
-    with edge.connect() as s:
+    with edge.dial() as s:
         s.sendall(HEAD + b"\r\n")
         began = time.monotonic()
         response = read_all(s)  # the answer, then the close after the keep-alive timeout
@@ -144,7 +144,7 @@ def test_idle_keep_alive_connection_is_closed(edge: Edge) -> None:
 
 
 def test_stalled_body_gets_408(edge: Edge) -> None:
-    with edge.connect() as s:
+    with edge.dial() as s:
         s.sendall(
             b"POST /upload HTTP/1.1\r\nHost: alice.web.localhost\r\n"
             b"Content-Length: 1000\r\n\r\nfirst bytes"
@@ -157,7 +157,7 @@ def test_stalled_body_gets_408(edge: Edge) -> None:
 
 
 def test_connections_per_address_are_capped(edge: Edge) -> None:
-    held = [edge.connect() for _ in range(40)]
+    held = [edge.dial() for _ in range(40)]
     try:
         time.sleep(0.2)
         refused = edge.exchange(b"")
