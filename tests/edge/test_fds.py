@@ -95,7 +95,9 @@ def test_with_almost_no_reserve_tenants_still_stay_running(starved: Edge) -> Non
     held, _ = slowloris(starved, 400)
     try:
         hold(held, 5)
-        assert restarts(starved) == before == {k: ("running", 0) for k in KEYS}
+        assert restarts(starved) == before == {k: ("running", 0) for k in KEYS}, starved.log_text()[
+            -5000:
+        ]
     finally:
         close_all(held)
     time.sleep(0.5)

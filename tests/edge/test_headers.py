@@ -17,6 +17,8 @@ from proxy import headers as h
 from proxy.limits import is_trusted, parse_networks
 from tests.conftest import REPO
 
+pytestmark = [pytest.mark.timeout(60)]
+
 CLAIMS = [
     (b"host", b"alice.web.localhost"),
     (b"forwarded", b"for=10.0.0.1;proto=https"),
