@@ -22,13 +22,14 @@ import os
 import resource
 import socket
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from common import MANAGE, PYTHON, REPO, free_port, log, process_group, wait_for
+from common import MANAGE, PYTHON, REPO, ensure_ten, free_port, log, process_group, wait_for
 
 APP = REPO / "bench" / "apps" / "fast_app.py"
 MIB = 1024 * 1024
@@ -88,9 +89,21 @@ def header_cost(port: int, proc: psutil.Process, rounds: int) -> float:
     return (cpu_of(proc) - began) / rounds
 
 
-def slowloris_p50(port: int, connections: int, samples: int) -> tuple[float, float]:
-    """bob's p50 alone, then with `connections` partial heads open to alice."""
-    alone = statistics.median(get_ms(port, "bob.fast.localhost") for _ in range(samples))
+def p50_of(port: int, samples: int) -> tuple[float, int]:
+    """bob's p50 over the requests that succeeded, and how many failed."""
+    times, failed = [], 0
+    for _ in range(samples):
+        try:
+            times.append(get_ms(port, "bob.fast.localhost"))
+        except (OSError, SystemExit):
+            failed += 1
+    return (statistics.median(times) if times else float("nan")), failed
+
+
+def slowloris_p50(port: int, connections: int, samples: int) -> tuple[float, float, int]:
+    """bob's p50 alone, then with `connections` partial heads open to alice (and how many
+    of those requests failed)."""
+    alone, _ = p50_of(port, samples)
     held = []
     try:
         for _ in range(connections):
@@ -98,14 +111,14 @@ def slowloris_p50(port: int, connections: int, samples: int) -> tuple[float, flo
             s.sendall(b"GET / HTTP/1.1\r\nHost: alice.fast.localhost\r\nX-A: ")
             held.append(s)
         time.sleep(0.5)
-        during = statistics.median(get_ms(port, "bob.fast.localhost") for _ in range(samples))
+        during, failed = p50_of(port, samples)
         dropped = sum(1 for s in held if _closed(s))
     finally:
         for s in held:
             s.close()
     if dropped:
         log(f"  {dropped} of the {connections} slowloris connections were refused")
-    return alone, during
+    return alone, during, failed
 
 
 def _closed(s: socket.socket) -> bool:
@@ -140,6 +153,36 @@ def serving(root: Path, env_extra: dict[str, str]) -> Iterator[tuple[psutil.Proc
         yield psutil.Process(sup.pid), port
 
 
+@contextlib.contextmanager
+def serving_ten(root: Path, ten: str) -> Iterator[tuple[psutil.Process, int]]:
+    """Upstream `ten` 0.2.2 serving the same app (over TCP, as it proxies) for alice, bob."""
+    root.mkdir(mode=0o711)
+    (root / "tenement.toml").write_text(
+        f'[settings]\ndata_dir = "{root}/data"\n\n[service.fast]\n'
+        f'command = "{PYTHON} {APP} --tcp"\nhealth = "/health"\nidle_timeout = 3600\n'
+    )
+    port = free_port()
+    server = ["--server", f"http://127.0.0.1:{port}"]
+    cmd = [ten, "serve", "--port", str(port), "--domain", "localhost"]
+    with process_group(cmd, cwd=root, log_file=root / "ten.log", grace=30) as proc:
+        wait_for("ten", lambda: _status(port, "localhost") != 0, timeout=30)
+        subprocess.run([ten, "token-gen"], cwd=root, capture_output=True, timeout=30)
+        for tenant in ("alice", "bob"):
+            subprocess.run([ten, *server, "spawn", f"fast:{tenant}"], cwd=root, timeout=30)
+        hosts = ("alice.fast.localhost", "bob.fast.localhost")
+        wait_for("ten's tenants", lambda: all(_ok(port, h) for h in hosts), timeout=60)
+        yield psutil.Process(proc.pid), port
+
+
+def _status(port: int, host: str) -> int:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+            return int(s.recv(100)[9:12] or 0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _ok(port: int, host: str) -> bool:
     try:
         get_ms(port, host)
@@ -156,6 +199,8 @@ def main() -> None:
     parser.add_argument(
         "--unlimited", action="store_true", help="also one round with the limits raised"
     )
+    parser.add_argument("--ten", help="path to upstream ten (default: installed into a venv)")
+    parser.add_argument("--no-ten", action="store_true", help="skip the upstream row")
     args = parser.parse_args()
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))  # 2,000 client sockets
@@ -166,6 +211,13 @@ def main() -> None:
             costs = header_cost(port, proc, args.rounds)
             log(f"slowloris of {args.connections}:")
             rounds = [slowloris_p50(port, args.connections, args.samples) for _ in range(3)]
+        peer = None
+        if not args.no_ten:
+            with serving_ten(Path(tmp) / "ten", ensure_ten(args.ten)) as (proc, port):
+                log("upstream ten, 64 MiB headers:")
+                peer_cost = header_cost(port, proc, 3)
+                log(f"upstream ten, slowloris of {args.connections}:")
+                peer = (peer_cost, slowloris_p50(port, args.connections, args.samples))
         unlimited = None
         if args.unlimited:
             raised = {"TENEMENT_MAX_HEADER_KB": "131072", "TENEMENT_MAX_HEADER_LINE_KB": "131072"}
@@ -178,11 +230,17 @@ def main() -> None:
         print(f"| CPU s per 64 MiB header, limits raised (before) | {unlimited:.2f} | 1 |")
     alone = statistics.median(r[0] for r in rounds)
     during = statistics.median(r[1] for r in rounds)
+    failed = sum(r[2] for r in rounds)
     print(f"| bob p50 ms, alone | {alone:.2f} | {len(rounds)} x {args.samples} |")
     print(
         f"| bob p50 ms, {args.connections} slowloris open | {during:.2f} "
-        f"({during / alone:.2f}x) | {len(rounds)} x {args.samples} |"
+        f"({during / alone:.2f}x), {failed} failed | {len(rounds)} x {args.samples} |"
     )
+    if peer is not None:
+        cost, (alone, during, failed) = peer
+        print(f"| upstream ten: CPU s per 64 MiB header (mean) | {cost:.3f} | 3 |")
+        both = f"{alone:.2f} / {during:.2f}, {failed} failed"
+        print(f"| upstream ten: bob p50 ms alone / with slowloris | {both} | {args.samples} |")
 
 
 if __name__ == "__main__":
