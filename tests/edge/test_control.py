@@ -205,3 +205,35 @@ def test_csrf_trusts_only_the_control_hosts_own_origin() -> None:
     own = client.post("/accounts/login/", form, HTTP_ORIGIN="http://localhost:8000")
     assert own.status_code == 302
     assert client.cookies["sessionid"]["domain"] == ""
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_locked_database_is_a_503_with_retry_after() -> None:
+    import threading
+
+    from django.db import connections
+
+    api = admin_api()
+    locked, release = threading.Event(), threading.Event()
+
+    def hold_the_lock() -> None:
+        # Another connection in a write transaction, as the supervisor or a CLI can be.
+        with connections["default"].cursor() as cursor:
+            cursor.execute("BEGIN IMMEDIATE")
+            cursor.execute("UPDATE instances_service SET name = name")
+            locked.set()
+            release.wait(30)
+            cursor.execute("COMMIT")
+        connections["default"].close()
+
+    holder = threading.Thread(target=hold_the_lock)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        response = api.post("/api/services/", {"name": "x", "command": "true"}, format="json")
+    finally:
+        release.set()
+        holder.join(30)
+    assert response.status_code == 503, response.content[:300]
+    assert response["Retry-After"] == "5"
+    assert response.json()["error"]["status"] == 503
