@@ -24,16 +24,18 @@ from tests.conftest import REPO, TENANT_UVICORN
 from tests.harness import Deployment, free_port
 
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
-CONFIG = f"""
+# The service name is the test module's own: instance cgroups are named {service}-{id}, and
+# two deployments alive at once (or another suite's) must not share them.
+CONFIG = """
 [settings]
 health_check_interval = 2
 
-[service.web]
-command = "{APP} --log-level warning"
+[service.{service}]
+command = "{app} --log-level warning"
 health = "/health"
 
 [instances]
-web = ["alice", "bob"]
+{service} = ["alice", "bob"]
 """
 # Lowered so the tests take seconds: what is enforced is the same at any value.
 EDGE_ENV = {
@@ -47,8 +49,11 @@ EDGE_ENV = {
 class Edge(Deployment):
     """A deployment serving HTTP on a free loopback port, optionally with a low fd limit."""
 
-    def __init__(self, root: Path, env: dict[str, str], nofile: int | None = None) -> None:
-        super().__init__(root, CONFIG)
+    def __init__(
+        self, root: Path, env: dict[str, str], nofile: int | None = None, service: str = "edge"
+    ) -> None:
+        super().__init__(root, CONFIG.format(service=service, app=APP))
+        self.service = service
         self.port = free_port()
         self.env.update(env)
         self.nofile = nofile
@@ -81,8 +86,9 @@ class Edge(Deployment):
             s.sendall(raw)
             return read_all(s)
 
-    def get_ms(self, host: str = "bob.web.localhost", path: str = "/whoami") -> float:
-        """One keep-alive-free GET; its latency in milliseconds (asserting a 200)."""
+    def get_ms(self, host: str = "", path: str = "/whoami") -> float:
+        """One keep-alive-free GET (bob's, by default); milliseconds (asserting a 200)."""
+        host = host or f"bob.{self.service}.localhost"
         began = time.perf_counter()
         response = self.exchange(
             f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode()
@@ -113,16 +119,19 @@ def p50(sample: Callable[[], float], n: int = 20) -> float:
     return statistics.median(sample() for _ in range(n))
 
 
-def edge_deployment(env: dict[str, str] | None = None, nofile: int | None = None) -> Any:
+def edge_deployment(
+    env: dict[str, str] | None = None, nofile: int | None = None, service: str = "edge"
+) -> Any:
     """A module fixture: an Edge with both tenants running."""
 
     @pytest.fixture(scope="module")
     def fixture() -> Iterator[Edge]:
         root = Path(tempfile.mkdtemp(prefix="te", dir="/tmp"))
         root.chmod(0o711)  # tenants run as their own uids and must pass through
-        edge = Edge(root, {**EDGE_ENV, **(env or {})}, nofile)
+        edge = Edge(root, {**EDGE_ENV, **(env or {})}, nofile, service)
         try:
-            edge.wait_states({"web:alice": "running", "web:bob": "running"}, timeout=60)
+            keys = {f"{service}:alice": "running", f"{service}:bob": "running"}
+            edge.wait_states(keys, timeout=60)
             yield edge
         finally:
             edge.cleanup()

@@ -20,7 +20,7 @@ GIB = 2**30
 TMP = Path("/tmp") / f"tenement-edge-tmp-{os.getpid()}"
 TMP.mkdir(exist_ok=True)
 # Django spools bodies to TMPDIR: pointing it at an empty directory makes growth visible.
-edge = edge_deployment({"TMPDIR": str(TMP)})
+edge = edge_deployment({"TMPDIR": str(TMP)}, service="ctl")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -12,11 +12,18 @@ from pathlib import Path
 import pytest
 from asgiref.sync import sync_to_async
 
+from instances.ids import InstanceKey
 from instances.models import Event, Instance
 from instances.supervisor import fds, health
-from tests.test_supervisor import KEY, make_service, register, supervising, wait_state
+from tests.test_supervisor import make_service, register, supervising, wait_state
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(60)]
+
+
+# A name of this module's own: instance cgroups are named {service}-{id}, and another
+# suite running at the same time must not share (and clean up) ours.
+NAME = "fdedge"
+KEY = InstanceKey(NAME, "alice")
 
 
 @pytest.fixture(autouse=True)
@@ -59,7 +66,7 @@ async def test_a_health_check_without_descriptors_is_inconclusive(short_tmp: Pat
 
 
 async def test_a_running_tenant_survives_the_supervisor_starving(short_tmp: Path) -> None:
-    service = await sync_to_async(make_service)(short_tmp)
+    service = await sync_to_async(make_service)(short_tmp, NAME)
     await sync_to_async(register)(service, "alice")
     # Checks every 0.5 s (each with a 0.5 s timeout: shorter ones fail on a busy machine).
     async with supervising(short_tmp, health_check_interval=0.5) as sup:
@@ -74,7 +81,7 @@ async def test_a_running_tenant_survives_the_supervisor_starving(short_tmp: Path
 
 
 async def test_crashes_while_out_of_descriptors_are_not_counted(short_tmp: Path) -> None:
-    service = await sync_to_async(make_service)(short_tmp, env={"TESTAPP_EXIT_AFTER": "0"})
+    service = await sync_to_async(make_service)(short_tmp, NAME, env={"TESTAPP_EXIT_AFTER": "0"})
     await sync_to_async(register)(service, "alice", desired="running")
     fds.pressure.record("test", OSError(24, "Too many open files"))
     async with supervising(short_tmp, max_restarts=1, backoff_base_ms=50) as sup:

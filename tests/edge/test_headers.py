@@ -20,7 +20,7 @@ from tests.conftest import REPO
 pytestmark = [pytest.mark.timeout(60)]
 
 CLAIMS = [
-    (b"host", b"alice.web.localhost"),
+    (b"host", b"alice.edge.localhost"),
     (b"forwarded", b"for=10.0.0.1;proto=https"),
     (b"x-forwarded-for", b"10.0.0.1"),
     (b"x-real-ip", b"10.0.0.1"),
@@ -41,21 +41,21 @@ def as_dict(out: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
 
 
 def test_a_clients_own_claims_are_replaced() -> None:
-    out = as_dict(h.forwarded(scope("203.0.113.9"), b"alice.web.localhost", b"rid"))
+    out = as_dict(h.forwarded(scope("203.0.113.9"), b"alice.edge.localhost", b"rid"))
     assert b"forwarded" not in out and b"x-real-ip" not in out
     assert out[b"x-forwarded-for"] == [b"203.0.113.9"]
     assert out[b"x-forwarded-proto"] == [b"http"]
-    assert out[b"x-forwarded-host"] == [b"alice.web.localhost"]
-    assert out[b"host"] == [b"alice.web.localhost"]
+    assert out[b"x-forwarded-host"] == [b"alice.edge.localhost"]
+    assert out[b"host"] == [b"alice.edge.localhost"]
 
 
 @override_settings(TENEMENT_TRUSTED_PROXIES=parse_networks("10.1.0.0/16, ::1", "T"))
 def test_a_trusted_proxys_claims_are_kept_and_extended() -> None:
-    out = as_dict(h.forwarded(scope("10.1.2.3"), b"alice.web.localhost", b"rid"))
+    out = as_dict(h.forwarded(scope("10.1.2.3"), b"alice.edge.localhost", b"rid"))
     assert out[b"forwarded"] == [b"for=10.0.0.1;proto=https"]
     assert out[b"x-forwarded-for"] == [b"10.0.0.1, 10.1.2.3"]
     # Outside the network: replaced as for anyone.
-    out = as_dict(h.forwarded(scope("10.2.0.1"), b"alice.web.localhost", b"rid"))
+    out = as_dict(h.forwarded(scope("10.2.0.1"), b"alice.edge.localhost", b"rid"))
     assert b"forwarded" not in out and out[b"x-forwarded-for"] == [b"10.2.0.1"]
 
 

@@ -13,7 +13,7 @@ from tests.edge.conftest import Edge, p50, read_all, status_of
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-HEAD = b"GET /whoami HTTP/1.1\r\nHost: alice.web.localhost\r\n"
+HEAD = b"GET /whoami HTTP/1.1\r\nHost: alice.edge.localhost\r\n"
 LIMIT = 64 * 1024  # TENEMENT_MAX_HEADER_KB's default
 MIB = 1024 * 1024
 
@@ -95,7 +95,7 @@ def test_long_header_line_many_headers_and_long_url(edge: Edge) -> None:
     assert status_of(edge.exchange(line)) == 431
     many = HEAD + b"".join(b"X-%d: 1\r\n" % i for i in range(101)) + b"\r\n"
     assert b"more than 100 header lines" in edge.exchange(many)
-    url = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: alice.web.localhost\r\n\r\n"
+    url = b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: alice.edge.localhost\r\n\r\n"
     assert status_of(edge.exchange(url)) == 414
     # Just under every limit is served.
     ok = HEAD + b"X-Long: " + b"a" * 8000 + b"\r\nConnection: close\r\n\r\n"
@@ -104,14 +104,14 @@ def test_long_header_line_many_headers_and_long_url(edge: Edge) -> None:
 
 def test_websocket_handshake_with_a_big_header_gets_an_answer(edge: Edge) -> None:
     handshake = (
-        b"GET /ws HTTP/1.1\r\nHost: alice.web.localhost\r\nUpgrade: websocket\r\n"
+        b"GET /ws HTTP/1.1\r\nHost: alice.edge.localhost\r\nUpgrade: websocket\r\n"
         b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         b"Sec-WebSocket-Version: 13\r\nX-Big: " + b"a" * 8185 + b"\r\n\r\n"
     )
     assert status_of(edge.exchange(handshake)) == 431
     # And an ordinary handshake still works.
     sock = edge.dial()
-    with ws_connect("ws://alice.web.localhost/ws", sock=sock, open_timeout=10) as ws:
+    with ws_connect("ws://alice.edge.localhost/ws", sock=sock, open_timeout=10) as ws:
         ws.send("hi")
         assert ws.recv(timeout=10) == "hi"
 
@@ -146,7 +146,7 @@ def test_idle_keep_alive_connection_is_closed(edge: Edge) -> None:
 def test_stalled_body_gets_408(edge: Edge) -> None:
     with edge.dial() as s:
         s.sendall(
-            b"POST /upload HTTP/1.1\r\nHost: alice.web.localhost\r\n"
+            b"POST /upload HTTP/1.1\r\nHost: alice.edge.localhost\r\n"
             b"Content-Length: 1000\r\n\r\nfirst bytes"
         )
         began = time.monotonic()

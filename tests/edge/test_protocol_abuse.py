@@ -14,8 +14,8 @@ from tests.edge.conftest import Edge
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(60)]
 
-A = b"alice.web.localhost"
-B = b"bob.web.localhost"
+A = b"alice.edge.localhost"
+B = b"bob.edge.localhost"
 SMUG = b"GET /whoami HTTP/1.1\r\nHost: " + B + b"\r\n\r\n"
 
 
@@ -82,12 +82,12 @@ ABUSE = {
     "host_twice": get(headers=b"Host: " + A + b"\r\nHost: " + B),
     "host_space_before_colon": get(headers=b"Host : " + A),
     "host_missing": get(headers=b"X-A: 1"),
-    "host_idna_utf8": get(headers=b"Host: \xd0\xb0lice.web.localhost"),
+    "host_idna_utf8": get(headers=b"Host: \xd0\xb0lice.edge.localhost"),
     # Well framed (a 404 keeps the connection): its own Connection: close ends it.
-    "host_idna_a_label": get(headers=b"Host: xn--lice-43d.web.localhost\r\nConnection: close"),
-    "host_space": get(headers=b"Host: alice .web.localhost"),
-    "host_userinfo": get(headers=b"Host: bob@alice.web.localhost"),
-    "host_vertical_tab": get(headers=b"Host: alice\x0b.web.localhost"),
+    "host_idna_a_label": get(headers=b"Host: xn--lice-43d.edge.localhost\r\nConnection: close"),
+    "host_space": get(headers=b"Host: alice .edge.localhost"),
+    "host_userinfo": get(headers=b"Host: bob@alice.edge.localhost"),
+    "host_vertical_tab": get(headers=b"Host: alice\x0b.edge.localhost"),
 }
 
 
@@ -110,4 +110,4 @@ def test_well_formed_look_alikes_are_served(edge: Edge) -> None:
     assert options.startswith(b"HTTP/1.1 404")  # the app's answer: it was forwarded
     # Connection cannot make Host hop-by-hop: the app still sees it.
     named = edge.exchange(req(b"GET /headers HTTP/1.1\r\nHost: {A}\r\nConnection: host, close"))
-    assert b'["host", "alice.web.localhost"]' in named
+    assert b'["host", "alice.edge.localhost"]' in named
