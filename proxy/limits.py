@@ -176,15 +176,15 @@ log_throttle = LogThrottle()
 class Gate:
     """Admits client connections under the caps; each admitted one holds a Slot."""
 
-    def __init__(self, limits: EdgeLimits) -> None:
+    def __init__(self, limits: EdgeLimits, guard_fds: bool = True) -> None:
         self.limits = limits
         self.open = 0
         self.per_address: Counter[str] = Counter()
-        self.fds = FdBudget(limits.fd_reserve)
+        self.fds = FdBudget(limits.fd_reserve) if guard_fds else None
 
     def admit(self, address: str | None) -> Slot | str:
         """A Slot, or why the connection is refused."""
-        if self.fds.exhausted():
+        if self.fds is not None and self.fds.exhausted():
             return self._refuse("file descriptors")
         if self.open >= self.limits.max_connections:
             return self._refuse("connections")

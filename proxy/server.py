@@ -192,7 +192,11 @@ def http_task(
             log_config=None,
             server_header=False,
             # The edge limits (proxy/edge.py): one Gate counts this server's connections.
-            http=functools.partial(CoalescingHttpToolsProtocol, gate=Gate(limits)),  # type: ignore[arg-type]
+            # The private metrics listener stays open when the edge sheds for descriptors:
+            # that is when the operator needs /health and /status.
+            http=functools.partial(
+                CoalescingHttpToolsProtocol, gate=Gate(limits, guard_fds=not private)
+            ),  # type: ignore[arg-type]
             ws=EdgeWebSocketProtocol,
             timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
             # We are the edge: X-Forwarded-For from a client is data, not its address.
