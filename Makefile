@@ -30,6 +30,7 @@ bench: $(VENV)/.installed-dev $(TEN)
 	$(VENV)/bin/python bench/log_search.py
 	$(VENV)/bin/python bench/dashboard.py
 	$(VENV)/bin/python bench/metrics_overhead.py
+	$(VENV)/bin/python bench/edge.py
 
 # The dashboard's browser tests, saving full-page PNGs of the main pages for the README.
 screenshots: $(VENV)/.installed-dev

@@ -25,7 +25,7 @@ from instances.config import parse_uid_range
 from instances.ids import InstanceKey
 from instances.models import Instance, SupervisorSettings
 from instances.spec import ServiceSpec
-from instances.supervisor import health, isolation, process, storage, store
+from instances.supervisor import fds, health, isolation, process, storage, store
 from instances.supervisor.backoff import RestartPolicy
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING, Bridge
 from instances.supervisor.logs import LogCollector
@@ -622,6 +622,9 @@ class Supervisor:
     async def handle_failure(self, rt: Runtime, reason: str) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
         rt.failure = reason
+        if fds.pressure.recent():
+            await self.defer_restart(rt, reason)
+            return
         delay = rt.policy.next_delay(self.clock())
         if delay is None:
             log.error(
@@ -664,6 +667,20 @@ class Supervisor:
             pid=None,
             last_error=reason,
             restart_count=_plus_one(),
+        )
+
+    async def defer_restart(self, rt: Runtime, reason: str) -> None:
+        """The supervisor ran out of file descriptors: retry soon, not counted toward
+        max_restarts (instances/supervisor/fds.py)."""
+        rt.backoff_until = self.clock() + fds.RETRY_S
+        await self.set_state(
+            rt,
+            State.BACKOFF,
+            "backoff",
+            f"{reason}; the supervisor is out of file descriptors: retrying in "
+            f"{fds.RETRY_S:g}s, not counted toward max_restarts",
+            pid=None,
+            last_error=reason,
         )
 
     def request_stop(self, rt: Runtime, reason: str) -> asyncio.Task[None] | None:
@@ -713,6 +730,8 @@ class Supervisor:
             result = await self.probe(rt, min(interval, MAX_HEALTH_TIMEOUT))
         if rt.state != State.RUNNING or rt.stopping:
             return  # it was stopped while we were checking
+        if result.inconclusive:
+            return  # we could not check (out of file descriptors): no verdict on the app
         if result.ok:
             await self.health_passed(rt)
         else:
