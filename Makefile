@@ -25,10 +25,12 @@ lint: $(VENV)/.installed-dev
 bench: $(VENV)/.installed-dev $(TEN)
 	./scripts/system-deps.sh bench
 	$(VENV)/bin/python bench/supervisor_idle.py
+	$(VENV)/bin/python bench/isolation.py
 	$(VENV)/bin/python bench/proxy.py
 	$(VENV)/bin/python bench/log_search.py
 	$(VENV)/bin/python bench/dashboard.py
 	$(VENV)/bin/python bench/metrics_overhead.py
+	$(VENV)/bin/python bench/edge.py
 
 # The dashboard's browser tests, saving full-page PNGs of the main pages for the README.
 screenshots: $(VENV)/.installed-dev

@@ -59,6 +59,7 @@ def ours(root: Path, isolation: str) -> Iterator[tuple[psutil.Process, list[floa
         f'[service.app]\ncommand = "{PYTHON} {APP}"\nhealth = "/health"\n'
         f'isolation = "{isolation}"\n[instances]\napp = {json.dumps(ids)}\n'
     )
+    config.chmod(0o600)  # tenants under isolation = "process" could read it otherwise
     manage = MANAGE
     log(f"ours: registering {TENANTS} tenants")
     register_ours(config, data, ids[:RUNNING])
@@ -146,6 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     results = {}
     with tempfile.TemporaryDirectory(prefix="tb", dir="/tmp") as tmp:
+        Path(tmp).chmod(0o711)  # tenants' own uids pass through to their data dirs
         with ours(Path(tmp) / "ours", args.isolation) as (proc, starts):
             log("ours: settling 3 s, then measuring")
             time.sleep(3)

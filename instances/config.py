@@ -18,6 +18,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
+from instances import config_checks
 from instances.ids import check_label
 from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
 from instances.spec import MAX_SOCKET_PATH, ServiceSpec, isolation_fields
@@ -209,13 +210,15 @@ def load_config(path: str | os.PathLike[str], default_data_dir: Path) -> LoadedC
     """Read and validate a tenement.toml. Raises ConfigError listing every problem."""
     path = Path(path)
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = config_checks.read_toml(path)
     except OSError as e:
         raise ConfigError(str(path), [f"cannot read: {e.strerror}"]) from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(str(path), [f"invalid TOML: {e}"]) from None
     except UnicodeDecodeError:
         raise ConfigError(str(path), ["invalid TOML: not UTF-8 text"]) from None
+    except ValueError as e:  # huge or nested too deeply
+        raise ConfigError(str(path), [str(e)]) from None
     try:
         tables = ConfigTables.model_validate(raw)
     except ValidationError as e:
@@ -299,7 +302,7 @@ def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
             )
     for name, fields in config.services.items():
         problems += _check_service(name, fields, config.instance_ids(name))
-    return problems
+    return problems + config_checks.settings_problems(config, tables.settings)
 
 
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
@@ -315,7 +318,9 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
     if fields.get("socket"):
-        problems += _check_socket_template(name, fields["socket"], spec)
+        template_problems = _check_socket_template(name, fields["socket"], spec)
+        if template_problems:
+            return problems + template_problems
     problems += _check_isolation(name, spec)
     for instance_id in ids:
         # Where the app binds, and (in a namespace) the host path the proxy connects to.
@@ -326,7 +331,8 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
                 f"service.{name}.socket: {sock!r} for instance {instance_id!r} is longer than "
                 f"the {MAX_SOCKET_PATH}-byte Unix socket limit"
             )
-    return problems
+    # Paths after interpolation, reserved names and env keys, minimum intervals.
+    return problems + config_checks.service_problems(name, fields, spec, ids)
 
 
 def _check_isolation(name: str, spec: ServiceSpec) -> list[str]:

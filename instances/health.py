@@ -31,6 +31,7 @@ from django.views.decorators.http import require_safe
 from instances import metrics_view
 from instances.models import Event, Instance, Service, SupervisorHeartbeat
 from instances.operations import HEARTBEAT_STALE_AFTER
+from instances.supervisor import fds
 from instances.supervisor.core import Supervisor, running_here
 from proxy import state as proxy_state
 
@@ -166,6 +167,13 @@ def in_process_check(supervisor: Supervisor) -> Check:
     return check | {"ok": True, "last_tick_s": since}
 
 
+def fd_check() -> Check:
+    check = fds.pressure.as_dict()
+    if not check["ok"]:
+        check["error"] = f"out of file descriptors ({check['last_exhausted_in']})"
+    return check
+
+
 # ---- /health ------------------------------------------------------------------------
 
 
@@ -177,6 +185,8 @@ async def health(request: HttpRequest) -> JsonResponse:
         "event_loop": loop,
         "database": database,
         "supervisor": supervisor_check(heartbeat, database["ok"]),
+        # Unhealthy while this process is out of descriptors (and for 10 s after).
+        "file_descriptors": fd_check(),
     }
     failing = [f"{name}: {check['error']}" for name, check in checks.items() if not check["ok"]]
     if failing:
@@ -266,5 +276,6 @@ async def status(request: HttpRequest) -> JsonResponse:
         "uptime_s": round(time.time() - PROCESS_STARTED, 1),
         **fleet,
         **from_proxy(),
+        "file_descriptors": fds.pressure.as_dict(),
     }
     return JsonResponse(body, headers=NO_STORE)

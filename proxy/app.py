@@ -38,11 +38,15 @@ def route_for(raw: bytes, domain: str) -> Route | Malformed:
         return Malformed()
 
 
-def host_of(scope: dict[str, Any]) -> bytes:
+def host_of(scope: dict[str, Any]) -> bytes | None:
+    """The Host header, or None when there are several (RFC 9112 §3.2: a 400)."""
+    found = None
     for name, value in scope["headers"]:
         if name == b"host":
-            return value
-    return b""
+            if found is not None:
+                return None
+            found = value
+    return found or b""
 
 
 class HostRouter:
@@ -56,6 +60,9 @@ class HostRouter:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
+        if host is None:
+            await self.refuse(send, 400, "more than one Host header")
+            return
         route = route_for(host, self.domain)
         if isinstance(route, Control):
             await self.control(scope, receive, send)
@@ -92,7 +99,9 @@ class HostRouter:
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":
-            await plain(send, status, detail)
+            # After a malformed request nothing that follows on the connection is trusted.
+            extra = [(b"connection", b"close")] if status == 400 else None
+            await plain(send, status, detail, extra=extra)
         else:
             # Before accept, a close makes the server answer the handshake with 403.
             await send({"type": "websocket.close", "code": 1008})

@@ -7,6 +7,10 @@ import re
 import secrets
 from typing import Any
 
+from django.conf import settings
+
+from proxy.limits import is_trusted
+
 Headers = list[tuple[bytes, bytes]]
 
 # RFC 9110 §7.6.1 plus the legacy ones proxies conventionally drop. Expect is handled by
@@ -29,6 +33,11 @@ HOP_BY_HOP = frozenset(
 # extended rather than replaced, as nginx's $proxy_add_x_forwarded_for does). The body's
 # framing (Content-Length or chunked) is decided per request by the forwarder.
 OWN = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"x-request-id", b"content-length"})
+# What a client says about where a request came from: believed only from a trusted proxy
+# (TENEMENT_TRUSTED_PROXIES), otherwise dropped, so the app sees our account alone.
+CLIENT_CLAIMS = frozenset({b"forwarded", b"x-forwarded-for", b"x-real-ip"})
+# A Connection header cannot make these hop-by-hop: the app must always see Host.
+NEVER_HOP = frozenset({b"host"})
 _REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 _ID_PREFIX = secrets.token_hex(8).encode()
 _ID_COUNTER = itertools.count(1)
@@ -40,7 +49,7 @@ def connection_named(headers: Headers) -> frozenset[bytes]:
     for name, value in headers:
         if name.lower() == b"connection":
             named.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(named)
+    return frozenset(named) - NEVER_HOP
 
 
 def end_to_end(headers: Headers) -> Headers:
@@ -61,16 +70,24 @@ def request_id(headers: Headers) -> bytes:
 
 
 def forwarded(scope: dict[str, Any], host: bytes, rid: bytes) -> Headers:
-    """Client headers for the app: end-to-end ones plus X-Forwarded-* and X-Request-ID."""
+    """Client headers for the app: end-to-end ones plus X-Forwarded-* and X-Request-ID.
+
+    A client's own Forwarded, X-Forwarded-For and X-Real-IP are dropped unless it is a
+    trusted proxy, whose X-Forwarded-For is extended (as nginx's
+    $proxy_add_x_forwarded_for does) and whose Forwarded is kept.
+    """
     out: Headers = []
     prior_for = b""
+    client = scope.get("client")
+    trusted = is_trusted(client[0] if client else None, settings.TENEMENT_TRUSTED_PROXIES)
     for name, value in end_to_end(scope["headers"]):
         lower = name.lower()
+        if lower in CLIENT_CLAIMS and not trusted:
+            continue
         if lower == b"x-forwarded-for":
             prior_for = prior_for + b", " + value if prior_for else value
         elif lower not in OWN:
             out.append((name, value))
-    client = scope.get("client")
     address = client[0].encode() if client else b"unknown"
     out.append((b"x-forwarded-for", prior_for + b", " + address if prior_for else address))
     out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import gc
 import logging
 import os
@@ -13,7 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from django.conf import settings
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.edge import EdgeHttpProtocol, EdgeWebSocketProtocol
+from proxy.limits import EdgeLimits, Gate
 
 if TYPE_CHECKING:
     from instances.supervisor import Supervisor
@@ -62,7 +65,7 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
-class CoalescingHttpToolsProtocol(HttpToolsProtocol):
+class CoalescingHttpToolsProtocol(EdgeHttpProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(CoalescingTransport(transport))  # type: ignore[arg-type]
 
@@ -181,6 +184,7 @@ def http_task(
         # move it out of the collector's sight so full collections stay short (p99).
         gc.freeze()
 
+        limits = EdgeLimits.from_settings()
         config = uvicorn.Config(
             application,
             lifespan="off",
@@ -190,7 +194,14 @@ def http_task(
             # would print its warnings in another format, breaking TENEMENT_LOG_FORMAT=json.
             log_config=None,
             server_header=False,
-            http=CoalescingHttpToolsProtocol,
+            # The edge limits (proxy/edge.py): one Gate counts this server's connections.
+            # The private metrics listener stays open when the edge sheds for descriptors:
+            # that is when the operator needs /health and /status.
+            http=functools.partial(
+                CoalescingHttpToolsProtocol, gate=Gate(limits, guard_fds=not private)
+            ),  # type: ignore[arg-type]
+            ws=EdgeWebSocketProtocol,
+            timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
             # We are the edge: X-Forwarded-For from a client is data, not its address.
             proxy_headers=False,
         )

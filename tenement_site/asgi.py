@@ -16,19 +16,19 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
-from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
 from instances.dashboard.routing import websocket_urlpatterns  # noqa: E402
 from proxy.app import HostRouter  # noqa: E402
+from tenement_site.control import BodyLimit, SameOriginWebSocket  # noqa: E402
 
-# The dashboard's live updates: session login, and a same-origin check (CSWSH).
-control_websockets = AllowedHostsOriginValidator(
-    AuthMiddlewareStack(URLRouter(websocket_urlpatterns))
-)
+# The dashboard's live updates: session login, and a same-origin check (CSWSH): the
+# control host's own origin only, never a tenant's subdomain.
+control_websockets = SameOriginWebSocket(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
 
 application = ProtocolTypeRouter(
     {
-        "http": HostRouter(django_asgi_app, "http"),
+        # Control-host bodies are bounded before Django spools them (and before auth).
+        "http": HostRouter(BodyLimit(django_asgi_app), "http"),
         "websocket": HostRouter(control_websockets, "websocket"),
     }
 )

@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import os
 import warnings
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
+from proxy.limits import parse_networks
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
     data_dir_from_env,
@@ -46,6 +49,22 @@ def env_seconds(name: str, default: float, maximum: float) -> float:
     return seconds
 
 
+def env_positive(name: str, default: float, kind: type[int] | type[float] = int) -> Any:
+    """A limit from the environment: a positive number, or start-up stops naming it."""
+    value = os.environ.get(name)
+    if not value:
+        return default
+    try:
+        number = kind(value)
+    except ValueError:
+        number = 0
+    if not 0 < number < 2**31 or number != number:  # also refuses nan
+        raise ImproperlyConfigured(
+            f"{name}: {value!r} is not a positive {kind.__name__} (default {default})"
+        )
+    return number
+
+
 TENEMENT_DATA_DIR = data_dir_from_env()
 ensure_data_dir(TENEMENT_DATA_DIR)
 TENEMENT_DOMAIN = (os.environ.get("TENEMENT_DOMAIN") or "localhost").lower().rstrip(".")
@@ -73,14 +92,32 @@ if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
     )
 # storage_quota_mb: how often each running tenant's data dir is measured (seconds).
 TENEMENT_STORAGE_CHECK_SECONDS = float(os.environ.get("TENEMENT_STORAGE_CHECK_SECONDS") or 60)
+# The edge (README "Edge limits"): checked in the server's protocol layer before any
+# parsing past the limit, routing or waking. Sizes in KiB, times in seconds.
+TENEMENT_MAX_HEADER_KB = env_positive("TENEMENT_MAX_HEADER_KB", 64)
+TENEMENT_MAX_HEADER_LINE_KB = env_positive("TENEMENT_MAX_HEADER_LINE_KB", 8)
+TENEMENT_MAX_HEADERS = env_positive("TENEMENT_MAX_HEADERS", 100)
+TENEMENT_MAX_URL_KB = env_positive("TENEMENT_MAX_URL_KB", 8)
+TENEMENT_HEADER_TIMEOUT = env_positive("TENEMENT_HEADER_TIMEOUT", 10.0, float)
+TENEMENT_KEEPALIVE_TIMEOUT = env_positive("TENEMENT_KEEPALIVE_TIMEOUT", 15.0, float)
+TENEMENT_BODY_TIMEOUT = env_positive("TENEMENT_BODY_TIMEOUT", 60.0, float)
+TENEMENT_MAX_CONNECTIONS = env_positive("TENEMENT_MAX_CONNECTIONS", 10_000)
+TENEMENT_MAX_CONNECTIONS_PER_ADDRESS = env_positive("TENEMENT_MAX_CONNECTIONS_PER_ADDRESS", 256)
+TENEMENT_FD_RESERVE = env_positive("TENEMENT_FD_RESERVE", 128)
+# Peers whose Forwarded/X-Forwarded-* headers are believed (comma-separated IPs or CIDR
+# networks). Empty: every client's own copies are replaced.
+TENEMENT_TRUSTED_PROXIES = parse_networks(
+    os.environ.get("TENEMENT_TRUSTED_PROXIES", ""), "TENEMENT_TRUSTED_PROXIES"
+)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 
 SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
+# Tenant subdomains never reach Django (proxy/app.py routes them to their apps), so they
+# are not listed: Django's host checks see the control host alone.
 ALLOWED_HOSTS = [
     TENEMENT_DOMAIN,
-    f".{TENEMENT_DOMAIN}",
     "127.0.0.1",
     "[::1]",
     *filter(None, os.environ.get("TENEMENT_ALLOWED_HOSTS", "").split(",")),
@@ -94,6 +131,7 @@ INSTALLED_APPS = [
     "django.contrib.messages",
     "django.contrib.staticfiles",
     "channels",
+    "axes",
     "rest_framework",
     "drf_spectacular",
     "drf_spectacular_sidecar",
@@ -112,7 +150,26 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # After authentication: it refuses logins of a locked-out account or address.
+    "axes.middleware.AxesMiddleware",
+    "tenement_site.control.DatabaseBusy",
 ]
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+# Login throttling (django-axes), per account and per address separately: after this
+# many failures either is locked for the cool-off, the right password included.
+AXES_FAILURE_LIMIT = env_positive("TENEMENT_LOGIN_FAILURE_LIMIT", 5)
+AXES_COOLOFF_TIME = timedelta(minutes=env_positive("TENEMENT_LOGIN_COOLOFF_MINUTES", 15.0, float))
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
+AXES_CLIENT_IP_CALLABLE = "tenement_site.control.client_ip"
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
+# The control host reads bodies up to this size into memory; larger get 413 before auth.
+TENEMENT_CONTROL_MAX_BODY_KB = env_positive("TENEMENT_CONTROL_MAX_BODY_KB", 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = TENEMENT_CONTROL_MAX_BODY_KB * 1024
+FILE_UPLOAD_MAX_MEMORY_SIZE = TENEMENT_CONTROL_MAX_BODY_KB * 1024
 if TENEMENT_METRICS:
     # django-prometheus's request metrics: its "before" first, its "after" last.
     MIDDLEWARE = [
@@ -174,7 +231,7 @@ REST_FRAMEWORK = {
     ],
     "DEFAULT_PERMISSION_CLASSES": ["instances.api.auth.ScopePermission"],
     "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
-    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_PARSER_CLASSES": ["instances.api.errors.StrictJSONParser"],
     "DEFAULT_SCHEMA_CLASS": "instances.api.schema.TenementSchema",
     "EXCEPTION_HANDLER": "instances.api.errors.handle",
     "UNAUTHENTICATED_USER": "django.contrib.auth.models.AnonymousUser",
@@ -208,7 +265,9 @@ USE_TZ = True
 
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
-STATIC_ROOT = TENEMENT_DATA_DIR / "staticfiles"
+# Outside every service's tree ({data_dir}/{service}/{id}): no service name can start
+# with a dot, so no tenant's files can land in what whitenoise serves under /static/.
+STATIC_ROOT = TENEMENT_DATA_DIR / ".static"
 STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
 # Serve straight from the source folders so the embedded default needs no collectstatic.
 WHITENOISE_USE_FINDERS = True

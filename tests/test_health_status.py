@@ -139,8 +139,9 @@ def test_health_ok_with_every_check(server: Server) -> None:
     body = server.wait_json("/health", lambda status, _: status == 200, "/health 200")
     assert body["status"] == "ok"
     checks = body["checks"]
-    assert set(checks) == {"event_loop", "database", "supervisor"}
+    assert set(checks) == {"event_loop", "database", "supervisor", "file_descriptors"}
     assert all(check["ok"] for check in checks.values())
+    assert checks["file_descriptors"]["exhausted_events"] == 0
     assert 0 <= checks["event_loop"]["lag_ms"] < 1000
     assert checks["supervisor"]["mode"] == "in-process"
     assert checks["supervisor"]["last_tick_s"] < 5

@@ -16,6 +16,7 @@ from instances.spec import ServiceSpec
 from instances.supervisor import cgroups, isolation
 from instances.supervisor.isolation import IsolationUnavailable
 from instances.supervisor.logs import FLUSH_BATCH, MAX_BUFFERED, LogCollector
+from tests.conftest import TENANT_PYTHON
 from tests.test_supervisor import KEY, make_service, register, supervising, wait_state
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -167,3 +168,54 @@ def test_sandbox_hides_the_control_plane_wherever_it_lives(
         ("/srv/t/notes/alice", "/srv/t/notes/alice"),
         ("/srv/t/run/notes-alice", "/srv/t/run/notes-alice"),
     ]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switches to an unprivileged user to test")
+@pytest.mark.timeout(30)
+def test_without_root_a_namespace_still_hides_the_data_root(short_tmp: Path) -> None:
+    """A supervisor that is not root (simulated: the launch command built for a non-root
+    host, run as `nobody`) sandboxes through a user namespace: the tenant shares its uid,
+    yet sees neither the database, the secret key nor another tenant."""
+    import subprocess
+
+    nobody = 65534
+    root = short_tmp / "r"
+    data = root / "data"
+    (data / "notes" / "bob").mkdir(parents=True)
+    (data / "secret_key").write_text("s3cret")
+    (data / "notes" / "bob" / "diary").write_text("bob's")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, nobody, nobody)
+    spec = ServiceSpec(name="notes", command="x", data_dir=str(data), isolation="namespace")
+    h = host(root=False)
+    ident = isolation.identity_for(spec, None, h)
+    own = spec.instance_dir("alice")
+    own.mkdir(parents=True)
+    sock_dir = Path(spec.socket_path("alice")).parent
+    sock_dir.mkdir(parents=True)
+    for path in (own, sock_dir, sock_dir.parent):
+        os.chown(path, nobody, nobody)
+    script = (
+        "import os,sys; d=sys.argv[1]; print(sorted(os.listdir(d)));"
+        "print(os.path.exists(d+'/secret_key'), os.path.exists(d+'/notes/bob'));"
+        "open(d+'/notes/alice/mine','w').write('x'); print(os.getuid())"
+    )
+    argv = isolation.launch_argv(
+        spec,
+        "alice",
+        [TENANT_PYTHON, "-c", script, str(data)],
+        own,
+        ident,
+        h,
+    )
+    out = subprocess.run(
+        ["setpriv", f"--reuid={nobody}", f"--regid={nobody}", "--clear-groups", *argv],
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert out.returncode == 0, out.stderr
+    listing, hidden, uid = out.stdout.splitlines()
+    assert "secret_key" not in listing and listing == "['notes', 'run']"
+    assert hidden == "False False"  # neither the secret nor bob's folder exists in there
+    assert (own / "mine").exists() and uid == str(nobody)

@@ -5,9 +5,14 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from django.db import OperationalError
 from rest_framework import status
+from rest_framework.exceptions import ParseError
+from rest_framework.parsers import JSONParser
 from rest_framework.response import Response
 from rest_framework.views import exception_handler
+
+from tenement_site.control import RETRY_AFTER_S
 
 log = logging.getLogger("tenement.api")
 
@@ -19,6 +24,12 @@ class Conflict(Exception):
 def handle(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, Conflict):
         return _error(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, OperationalError):
+        # Locked (SQLite), full disk, or the server gone: the request may succeed later.
+        log.warning("database unavailable: %s", exc, extra={"event": "database_error"})
+        response = _error(503, "the database is busy or unavailable; retry shortly")
+        response["Retry-After"] = str(RETRY_AFTER_S)
+        return response
     response = exception_handler(exc, context)
     if response is None:
         # A bug: log it with its traceback, but the client gets one plain line.
@@ -38,3 +49,13 @@ def _describe(code: int, data: Any) -> dict[str, Any]:
 
 def _error(code: int, message: str) -> Response:
     return Response({"error": {"status": code, "message": message}}, status=code)
+
+
+class StrictJSONParser(JSONParser):
+    """DRF's JSON parser, with nesting too deep for the decoder a 400 rather than a 500."""
+
+    def parse(self, stream: Any, media_type: Any = None, parser_context: Any = None) -> Any:
+        try:
+            return super().parse(stream, media_type, parser_context)
+        except RecursionError:
+            raise ParseError("JSON parse error - nested too deeply") from None

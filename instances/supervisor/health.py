@@ -7,12 +7,16 @@ from typing import NamedTuple
 
 import h11
 
+from instances.supervisor import fds
+
 MAX_RESPONSE_HEAD = 64 * 1024
 
 
 class HealthResult(NamedTuple):
     ok: bool
     detail: str
+    # The supervisor could not check (it is out of file descriptors): no verdict on the app.
+    inconclusive: bool = False
 
 
 async def check(socket_path: str, path: str, timeout: float) -> HealthResult:
@@ -25,6 +29,9 @@ async def check(socket_path: str, path: str, timeout: float) -> HealthResult:
     except TimeoutError:
         return HealthResult(False, f"no answer within {timeout:g}s")
     except (OSError, h11.ProtocolError) as e:
+        if fds.exhausted(e):
+            fds.pressure.record("health check", e)
+            return HealthResult(False, f"not checked: {_describe_error(e)}", inconclusive=True)
         return HealthResult(False, _describe_error(e))
 
 

@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from instances import metrics
 from instances.config import parse_uid_range
-from instances.supervisor import isolation, process, store
+from instances.supervisor import fds, isolation, process, store
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING
 from instances.supervisor.recovery import ChildRecord
 from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
@@ -259,8 +259,11 @@ class Lifecycle:
     def handle_failure(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
         rt.failure = reason
-        delay = rt.policy.next_delay(self.clock())
         fields.update(pid=None, pid_create_time=None, last_error=reason)
+        if fds.pressure.recent():
+            self.defer_restart(rt, reason, **fields)
+            return
+        delay = rt.policy.next_delay(self.clock())
         if delay is None:
             log.error(
                 "%s failed: %s; restarted too often, giving up",
@@ -298,6 +301,19 @@ class Lifecycle:
             "backoff",
             f"{reason}; restarting in {delay:.2f}s",
             restart_count=F("restart_count") + 1,
+            **fields,
+        )
+
+    def defer_restart(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
+        """The supervisor ran out of file descriptors: retry soon, not counted toward
+        max_restarts (instances/supervisor/fds.py)."""
+        rt.backoff_until = self.clock() + fds.RETRY_S
+        self.set_state(
+            rt,
+            State.BACKOFF,
+            "backoff",
+            f"{reason}; the supervisor is out of file descriptors: retrying in "
+            f"{fds.RETRY_S:g}s, not counted toward max_restarts",
             **fields,
         )
 

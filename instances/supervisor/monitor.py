@@ -65,6 +65,8 @@ class Monitor:
             result = await self.probe(rt, min(interval, MAX_HEALTH_TIMEOUT))
         if rt.state != State.RUNNING or rt.stopping:
             return  # it was stopped while we were checking
+        if result.inconclusive:
+            return  # we could not check (out of file descriptors): no verdict on the app
         if result.ok:
             self.health_passed(rt)
         else:

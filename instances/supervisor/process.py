@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 
 from instances.spec import ServiceSpec
-from instances.supervisor import cgroups, isolation
+from instances.supervisor import cgroups, fds, isolation
 from instances.supervisor.isolation import Identity, IsolationUnavailable
 
 log = logging.getLogger("tenement.supervisor")
@@ -166,6 +166,8 @@ async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> 
     except (OSError, subprocess.SubprocessError) as e:
         if group is not None:
             group.remove()
+        if fds.exhausted(e):  # ours, not the app's: see handle_failure
+            fds.pressure.record("spawn", e)
         raise SpawnError(f"cannot start {argv[0]}: {getattr(e, 'strerror', None) or e}") from None
     return Launch(proc, group, isolation.describe(spec, ident, h))
 
