@@ -219,3 +219,23 @@ def test_without_root_a_namespace_still_hides_the_data_root(short_tmp: Path) -> 
     assert "secret_key" not in listing and listing == "['notes', 'run']"
     assert hidden == "False False"  # neither the secret nor bob's folder exists in there
     assert (own / "mine").exists() and uid == str(nobody)
+
+
+def test_code_under_tmp_stays_visible_but_never_the_data_root(short_tmp: Path) -> None:
+    """A checkout under /tmp (CI clones there) would vanish behind the private /tmp: the
+    folders the command names are bound back read-only, before the data root is hidden."""
+    app = short_tmp / "code" / "app.py"
+    app.parent.mkdir()
+    app.write_text("print('hi')")
+    data = short_tmp / "data"
+    spec = ServiceSpec(name="a", command="x", data_dir=str(data), config_dir=str(short_tmp))
+    env = {"PYTHONPATH": f"{short_tmp / 'code'}:/usr/lib/nothing", "HOME": "/nonexistent"}
+    folders = isolation.code_folders(spec, ["/usr/bin/python3", str(app)], env)
+    assert folders == [str(short_tmp)]  # the config's folder holds the code folder
+    opts = isolation.bwrap_options(spec, "alice", data / "a" / "alice", host(), folders)
+    code_at = opts.index(str(short_tmp))
+    assert opts[code_at - 1] == "--ro-bind"
+    assert code_at < opts.index(str(data)), "the data root must be hidden after, not before"
+    assert (
+        isolation.code_folders(spec.__class__(name="a", command="x", data_dir="/d"), [], {}) == []
+    )

@@ -23,7 +23,7 @@ import os
 import pwd
 import shutil
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -190,7 +190,13 @@ def describe(spec: ServiceSpec, ident: Identity, h: Host) -> str:
 
 
 def launch_argv(
-    spec: ServiceSpec, instance_id: str, argv: list[str], cwd: Path, ident: Identity, h: Host
+    spec: ServiceSpec,
+    instance_id: str,
+    argv: list[str],
+    cwd: Path,
+    ident: Identity,
+    h: Host,
+    env: Mapping[str, str] | None = None,
 ) -> list[str]:
     """The whole argument list: sandbox, then identity switch, then the app."""
     if spec.isolation != "namespace":
@@ -204,7 +210,7 @@ def launch_argv(
         h.env,
         f"--ignore-signal={shielded}",
         h.bwrap,
-        *bwrap_options(spec, instance_id, cwd, h),
+        *bwrap_options(spec, instance_id, cwd, h, code_folders(spec, argv, env or {})),
         "--",
         *_switch_user(ident, h),
         h.env,
@@ -230,7 +236,9 @@ def _switch_user(ident: Identity, h: Host) -> list[str]:
     ]
 
 
-def bwrap_options(spec: ServiceSpec, instance_id: str, cwd: Path, h: Host) -> list[str]:
+def bwrap_options(
+    spec: ServiceSpec, instance_id: str, cwd: Path, h: Host, code: list[str] | None = None
+) -> list[str]:
     data = spec.instance_dir(instance_id)
     opts = ["--die-with-parent", "--unshare-pid", "--unshare-ipc", "--unshare-uts"]
     if not h.root:
@@ -239,6 +247,12 @@ def bwrap_options(spec: ServiceSpec, instance_id: str, cwd: Path, h: Host) -> li
         opts.append("--unshare-net")  # only loopback inside; the Unix socket still works
     opts += ["--hostname", instance_id, "--ro-bind", "/", "/", "--dev", "/dev"]
     opts += ["--proc", "/proc", "--tmpfs", "/tmp"]
+    # The app's own files that the private /tmp would hide (a checkout under /tmp), read-only;
+    # before the tmpfs below, so nothing of the data root can show through them.
+    for folder in code or ():
+        for between in _folders_between(TMP, folder):
+            opts += ["--perms", "0711", "--dir", between]
+        opts += ["--ro-bind", folder, folder]
     # The data root (other tenants) and the control plane's state (database, secret key)
     # become empty tmpfs ...
     hidden = _outermost([spec.data_dir, *control_plane_dirs()])
@@ -294,6 +308,21 @@ def _outermost(folders: list[str]) -> list[str]:
         if not any(Path(folder).is_relative_to(o) for o in out):
             out.append(folder)
     return out
+
+
+def code_folders(spec: ServiceSpec, argv: list[str], env: Mapping[str, str]) -> list[str]:
+    """Folders under /tmp the command names (its arguments, path-like env values, the
+    config's folder), which the sandbox's private /tmp would otherwise hide."""
+    words = [*argv, *(p for v in env.values() for p in v.split(os.pathsep)), spec.config_dir]
+    found = []
+    for word in words:
+        if not word.startswith(TMP + "/") or not os.path.exists(word):
+            continue
+        found.append(word if os.path.isdir(word) else os.path.dirname(word))
+    return _outermost(found)
+
+
+TMP = "/tmp"
 
 
 def _folders_between(root: str, target: str) -> list[str]:

@@ -153,7 +153,7 @@ async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> 
     group = _cgroup(spec, instance_id, h)
     try:
         proc = await asyncio.create_subprocess_exec(
-            *isolation.launch_argv(spec, instance_id, argv, cwd, ident, h),
+            *isolation.launch_argv(spec, instance_id, argv, cwd, ident, h, env),
             cwd=cwd,
             env=env,
             stdin=asyncio.subprocess.DEVNULL,
