@@ -231,9 +231,10 @@ def test_code_under_tmp_stays_visible_but_never_the_data_root(short_tmp: Path) -
     spec = ServiceSpec(name="a", command="x", data_dir=str(data), config_dir=str(short_tmp))
     env = {"PYTHONPATH": f"{short_tmp / 'code'}:/usr/lib/nothing", "HOME": "/nonexistent"}
     folders = isolation.code_folders(spec, ["/usr/bin/python3", str(app)], env)
-    assert folders == [str(short_tmp)]  # the config's folder holds the code folder
+    # The config's folder also holds the data root: only the code's own folder comes back.
+    assert folders == [str(short_tmp / "code")]
     opts = isolation.bwrap_options(spec, "alice", data / "a" / "alice", host(), folders)
-    code_at = opts.index(str(short_tmp))
+    code_at = opts.index(str(short_tmp / "code"))
     assert opts[code_at - 1] == "--ro-bind"
     assert code_at < opts.index(str(data)), "the data root must be hidden after, not before"
     assert (

@@ -314,11 +314,16 @@ def code_folders(spec: ServiceSpec, argv: list[str], env: Mapping[str, str]) -> 
     """Folders under /tmp the command names (its arguments, path-like env values, the
     config's folder), which the sandbox's private /tmp would otherwise hide."""
     words = [*argv, *(p for v in env.values() for p in v.split(os.pathsep)), spec.config_dir]
+    # Never a folder holding the data root or the control plane's state: binding it would
+    # bring back its own modes above the tenant's folders (a 0700 parent locks it out).
+    private = [Path(d) for d in (spec.data_dir, *control_plane_dirs())]
     found = []
     for word in words:
         if not word.startswith(TMP + "/") or not os.path.exists(word):
             continue
-        found.append(word if os.path.isdir(word) else os.path.dirname(word))
+        folder = word if os.path.isdir(word) else os.path.dirname(word)
+        if not any(p.is_relative_to(folder) for p in private):
+            found.append(folder)
     return _outermost(found)
 
 
