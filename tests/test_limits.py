@@ -231,10 +231,16 @@ def test_code_under_tmp_stays_visible_but_never_the_data_root(short_tmp: Path) -
     spec = ServiceSpec(name="a", command="x", data_dir=str(data), config_dir=str(short_tmp))
     env = {"PYTHONPATH": f"{short_tmp / 'code'}:/usr/lib/nothing", "HOME": "/nonexistent"}
     folders = isolation.code_folders(spec, ["/usr/bin/python3", str(app)], env)
-    # The config's folder also holds the data root: only the code's own folder comes back.
-    assert folders == [str(short_tmp / "code")]
+    # The config's folder also holds the data root, and is passable (0711): it comes back,
+    # with the data root hidden again after it.
+    assert folders == [str(short_tmp)]
+    short_tmp.chmod(0o700)  # a private folder above the data root would lock tenants out
+    assert isolation.code_folders(spec, ["/usr/bin/python3", str(app)], env) == [
+        str(short_tmp / "code")
+    ]
+    short_tmp.chmod(0o711)
     opts = isolation.bwrap_options(spec, "alice", data / "a" / "alice", host(), folders)
-    code_at = opts.index(str(short_tmp / "code"))
+    code_at = opts.index(str(short_tmp))
     assert opts[code_at - 1] == "--ro-bind"
     assert code_at < opts.index(str(data)), "the data root must be hidden after, not before"
     assert (

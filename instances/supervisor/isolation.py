@@ -314,15 +314,16 @@ def code_folders(spec: ServiceSpec, argv: list[str], env: Mapping[str, str]) -> 
     """Folders under /tmp the command names (its arguments, path-like env values, the
     config's folder), which the sandbox's private /tmp would otherwise hide."""
     words = [*argv, *(p for v in env.values() for p in v.split(os.pathsep)), spec.config_dir]
-    # Never a folder holding the data root or the control plane's state: binding it would
-    # bring back its own modes above the tenant's folders (a 0700 parent locks it out).
     private = [Path(d) for d in (spec.data_dir, *control_plane_dirs())]
     found = []
     for word in words:
         if not word.startswith(TMP + "/") or not os.path.exists(word):
             continue
         folder = word if os.path.isdir(word) else os.path.dirname(word)
-        if not any(p.is_relative_to(folder) for p in private):
+        # A folder holding the data root must let others pass, or binding it would put its
+        # mode (e.g. a 0700 mkdtemp) above the tenant's own folders and lock it out.
+        holds_private = any(p.is_relative_to(folder) for p in private)
+        if not holds_private or os.stat(folder).st_mode & 0o001:
             found.append(folder)
     return _outermost(found)
 
