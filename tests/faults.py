@@ -21,6 +21,10 @@ from tests.harness import Deployment, free_port, http_request, listening
 APP = f"{TENANT_PYTHON} {TESTAPP}"
 
 
+# Processes of the isolation launch chain around an app (env execs bwrap; setpriv execs it).
+SANDBOX_PLUMBING = frozenset({"bwrap", "env", "setpriv"})
+
+
 class Site(Deployment):
     """A deployment serving HTTP, with helpers to see its tenants from outside."""
 
@@ -50,6 +54,8 @@ class Site(Deployment):
             with contextlib.suppress(psutil.Error):
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
+                if p.name() in SANDBOX_PLUMBING:
+                    continue  # a sandbox's wrappers, not a copy of the app
                 env = p.environ()
                 home = env.get("HOME", "")
                 if home.startswith(prefix) and "INSTANCE_ID" in env:
@@ -57,7 +63,9 @@ class Site(Deployment):
                     found.setdefault(f"{service}:{env['INSTANCE_ID']}", []).append(p.pid)
         for pids in found.values():
             self.app_pids.update(pids)
-        # One copy is a tree (a sandbox's bwrap, its init, the app): count its top only.
+        # One copy is a tree (the app and what it forked): count its top only. The
+        # sandbox's own processes are left out above: while a killed sandbox is torn down
+        # its inner bwrap is briefly an orphan, which would look like a second copy.
         return {key: [p for p in pids if _parent(p) not in pids] for key, pids in found.items()}
 
     def stop_within(self, proc: subprocess.Popen[bytes], limit: float) -> float:

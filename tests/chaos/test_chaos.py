@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import http.client
 import signal
 import threading
 import time
@@ -102,8 +103,8 @@ class Load:
             ok = False
             try:
                 ok = get(self.site, TENANTS[i % len(TENANTS)], timeout=3)[0] == 200
-            except OSError:
-                pass
+            except (OSError, http.client.HTTPException):
+                pass  # a response cut by the kill (e.g. IncompleteRead) is a failed request
             with self.lock:
                 self.results.append((time.monotonic(), ok))
             if not ok:
