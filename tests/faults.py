@@ -46,15 +46,19 @@ class Site(Deployment):
         response, _ = http_request(self.port, host, path, timeout=timeout, **kw)  # type: ignore[arg-type]
         return response.status
 
-    def tenants(self) -> dict[str, list[int]]:
-        """Live tenant processes of this deployment, by instance key (HOME is its data dir)."""
+    def tenants(self, apps_only: bool = False) -> dict[str, list[int]]:
+        """Live tenant processes of this deployment, by instance key (HOME is its data dir).
+
+        With apps_only, the sandbox's own processes are left out (the top is then the app):
+        while a killed sandbox is torn down its inner bwrap is briefly an orphan, which
+        would otherwise look like a second copy."""
         found: dict[str, list[int]] = {}
         prefix = str(self.data) + os.sep
         for p in psutil.process_iter(["pid"]):
             with contextlib.suppress(psutil.Error):
                 if p.status() == psutil.STATUS_ZOMBIE:
                     continue
-                if p.name() in SANDBOX_PLUMBING:
+                if apps_only and p.name() in SANDBOX_PLUMBING:
                     continue  # a sandbox's wrappers, not a copy of the app
                 env = p.environ()
                 home = env.get("HOME", "")
@@ -63,9 +67,7 @@ class Site(Deployment):
                     found.setdefault(f"{service}:{env['INSTANCE_ID']}", []).append(p.pid)
         for pids in found.values():
             self.app_pids.update(pids)
-        # One copy is a tree (the app and what it forked): count its top only. The
-        # sandbox's own processes are left out above: while a killed sandbox is torn down
-        # its inner bwrap is briefly an orphan, which would look like a second copy.
+        # One copy is a tree (a sandbox's bwrap, its init, the app): count its top only.
         return {key: [p for p in pids if _parent(p) not in pids] for key, pids in found.items()}
 
     def stop_within(self, proc: subprocess.Popen[bytes], limit: float) -> float:

@@ -136,7 +136,7 @@ class CopyWatch:
 
     def loop(self) -> None:
         while not self.stop.wait(0.05):
-            tenants = self.site.tenants()
+            tenants = self.site.tenants(apps_only=True)
             for pids in tenants.values():
                 if len(pids) > self.most:
                     self.most = len(pids)
