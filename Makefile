@@ -12,7 +12,7 @@ run: $(VENV)/.installed
 	./scripts/system-deps.sh run
 	$(VENV)/bin/python manage.py runsupervisor --config examples/tenement.toml --bind $(BIND)
 
-test: $(VENV)/.installed-dev
+test: $(VENV)/.installed-dev $(TEN)
 	./scripts/system-deps.sh test
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .

@@ -52,6 +52,19 @@ def django_db_modify_db_settings(
         yield
 
 
+# Upstream tenement's `ten` binary (a separate project, never a dependency of ours), for
+# the compatibility tests: `make test` installs it into bench/.ten-venv first.
+UPSTREAM_TEN = REPO / "bench" / ".ten-venv" / "bin" / "ten"
+
+
+@pytest.fixture(scope="session")
+def upstream_ten() -> Path:
+    """Path of upstream's `ten` 0.2.2; fails (never skips) when it is not installed."""
+    if not UPSTREAM_TEN.exists():
+        pytest.fail(f"{UPSTREAM_TEN} is missing: run `make test` (it installs tenement==0.2.2)")
+    return UPSTREAM_TEN
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short temp dir: Unix socket paths must fit in 107 bytes."""
