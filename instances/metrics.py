@@ -107,6 +107,12 @@ class Metrics:
         self.log_lines = Counter(
             "tenement_log_lines_total", "Lines captured from apps' output.", [*who, "stream"]
         )
+        self.acme_orders = Counter(
+            "tenement_acme_orders_total",
+            "ACME certificate orders by outcome: issued, failed, or capped (not placed: "
+            "over settings.tls.orders_per_hour).",
+            ["outcome"],
+        )
 
     def labels_of(self, key: InstanceKey) -> tuple[str, ...]:
         return tuple(key) if self.per_instance else (key.service,)
@@ -212,6 +218,11 @@ def idle_stopped(key: InstanceKey) -> None:
         metrics.idle_stops.labels(*metrics.labels_of(key)).inc()
 
 
+def acme_order(outcome: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.acme_orders.labels(outcome).inc()
+
+
 def _nothing() -> None:
     pass
 
@@ -281,6 +292,22 @@ class StateCollector:
             longest[service] = max(longest.get(service, 0.0), now - at.timestamp())
         for service, seconds in longest.items():
             family.add_metric([service], seconds)
+
+
+def tls_families() -> list[Metric]:
+    """Each served certificate's expiry (this process's HTTPS listener, if it has one)."""
+    from proxy.tls.manager import current as tls_manager
+
+    if (manager := tls_manager()) is None:
+        return []
+    family = GaugeMetricFamily(
+        "tenement_tls_certificate_expiry_seconds",
+        "When each served certificate expires (Unix time; subtract time() for what is left).",
+        labels=["name", "source"],
+    )
+    for names, served in dict(manager.served).items():
+        family.add_metric([",".join(names), served.source], served.cert.not_after.timestamp())
+    return [family]
 
 
 ALIASES_HELP = "Upstream tenement's name for "
@@ -359,6 +386,7 @@ def exposition() -> bytes:
     per_instance = settings.TENEMENT_METRICS_PER_INSTANCE
     families = list(source_registry().collect())
     families += StateCollector(per_instance).collect()
+    families += tls_families()
     families += aliases(families, per_instance)
     # generate_latest only calls .collect(): no registry needed around the list.
     return prometheus_client.generate_latest(_Collected(families))

@@ -26,9 +26,15 @@ class RoutingTable:
     targets: dict[InstanceKey, Target] = field(default_factory=dict)
     # Instances running and ready when the snapshot was taken: key -> socket path.
     running: dict[InstanceKey, str] = field(default_factory=dict)
+    # Tenants' own domains (routing.Domain, verified ones only): host -> instance.
+    domains: dict[str, InstanceKey] = field(default_factory=dict)
 
     def lookup(self, key: InstanceKey) -> Target | None:
         return self.targets.get(key)
+
+    def domain_target(self, host: str) -> Target | None:
+        key = self.domains.get(host)
+        return None if key is None else self.targets.get(key)
 
 
 def build(rows: list[tuple[str, str, float, float, str, str]], services: list[str]) -> RoutingTable:

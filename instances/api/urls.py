@@ -5,6 +5,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from instances.api import logs, schema, views  # noqa: F401  (schema registers an extension)
+from proxy.tls.api import TlsStatusView
 
 router = DefaultRouter()
 router.trailing_slash = "/?"  # scripts and the CLI may leave the slash off; no redirect
@@ -19,6 +20,8 @@ urlpatterns = [
     path("logs/", logs.LogSearchView.as_view()),
     path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),
     path("logs/stream/", logs.LogStreamView.as_view()),
+    path("tls/status", TlsStatusView.as_view(), name="api-tls-status"),
+    path("tls/status/", TlsStatusView.as_view()),
     path("", include(router.urls)),
     # Anything else under /api/ is a JSON 404, not Django's HTML page.
     re_path(r"", views.not_found),
