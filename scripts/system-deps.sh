@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
-#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool)
+#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool,
+#                                 pebble)
 #   scripts/system-deps.sh bench  what `make bench` needs (also nginx and wrk)
 set -euo pipefail
 
@@ -21,6 +22,8 @@ case "$mode" in
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # promtool checks the live /metrics and the alerting rules.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # A real ACME server for the TLS tests (the package ships pebble-challtestsrv too).
+    [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || missing+=(pebble)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

@@ -92,6 +92,7 @@ class Pebble:
         self.ca, self.cert, self.key = make_api_certificate(folder)
         self.procs: list[subprocess.Popen[bytes]] = []
         self.pebble: subprocess.Popen[bytes] | None = None
+        self._root: bytes | None = None
 
     @property
     def directory(self) -> str:
@@ -178,7 +179,13 @@ class Pebble:
         return ssl.create_default_context(cafile=str(self.ca))
 
     def root_pem(self) -> bytes:
-        """The root pebble signs with (changes per pebble run)."""
+        """The root pebble signs with (new per pebble run; kept once fetched, so the
+        tests can still verify after the CA is stopped)."""
+        if self._root is None:
+            self._root = self.fetch_root()
+        return self._root
+
+    def fetch_root(self) -> bytes:
         conn = http.client.HTTPSConnection(
             "127.0.0.1", self.management, context=self.api_context(), timeout=10
         )

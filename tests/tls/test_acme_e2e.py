@@ -7,11 +7,15 @@ import os
 import socket
 import ssl
 import stat
+import time
+from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from tests.harness import free_port, http_request
 from tests.tls.conftest import DOMAIN, TlsDeployment
+from tests.tls.pebble import Pebble, https_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
 
@@ -60,3 +64,92 @@ def test_control_host_then_tenant_on_first_handshake(deployment: TlsDeployment) 
     assert len([p for p in files if p.suffix == ".crt"]) >= 3  # control, alice, fallback
     for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
+
+
+def test_reuse_after_restart_and_redirect(short_tmp: Path, pebble: Pebble) -> None:
+    d = TlsDeployment(short_tmp, pebble, tls_extra="redirect_http = true")
+    try:
+        d.run()
+        d.wait_states({"web:alice": "running"})
+        d.wait_certificate(DOMAIN)
+        first = d.https(ALICE, "/health")[2].serial
+        assert pebble.orders_seen() == 2
+
+        # Plain HTTP redirects to HTTPS, at the public https_port, path and query kept ...
+        response, _ = http_request(d.http_port, ALICE, "/a/b?c=d")
+        assert response.status == 308
+        assert response.getheader("location") == f"https://{ALICE}:{d.https_port}/a/b?c=d"
+        # ... except ACME's challenge path (pebble validated through it), never redirected.
+        response, _ = http_request(d.http_port, ALICE, "/.well-known/acme-challenge/nope")
+        assert response.status == 404
+
+        d.stop()
+        account = (d.data / "acme" / "account.key").read_bytes()
+        d.run()
+        d.wait_states({"web:alice": "running"})
+        # The same certificates from the cache, no new order, the same account key.
+        assert d.wait_certificate(ALICE).serial == first
+        d.wait_certificate(DOMAIN)
+        assert pebble.orders_seen() == 2
+        assert (d.data / "acme" / "account.key").read_bytes() == account
+    finally:
+        d.cleanup()
+
+
+def test_renewal_in_the_background_while_requests_succeed(short_tmp: Path) -> None:
+    folder = short_tmp / "pebble"
+    folder.mkdir()
+    # Certificates valid 24 s: renewed when 8 s are left.
+    pebble = Pebble(folder, http_port=free_port(), validity=24)
+    d = TlsDeployment(short_tmp, pebble)
+    try:
+        pebble.start()
+        d.run()
+        d.wait_states({"web:alice": "running"})
+        d.wait_certificate(DOMAIN)
+        context = d.context()
+        first = https_request(d.https_port, ALICE, context, "/health")[2].serial
+        serials = {first}
+        deadline = time.monotonic() + 40
+        requests = 0
+        while len(serials) < 2 and time.monotonic() < deadline:
+            response, body, shake = https_request(d.https_port, ALICE, context, "/health")
+            assert response.status == 200, body  # every request succeeds throughout
+            serials.add(shake.serial)
+            requests += 1
+            time.sleep(0.2)
+        assert len(serials) == 2, f"no renewal within 40 s: {pebble.logs()}"
+        status = d.api("/api/tls/status")
+        alice = next(c for c in status["certificates"] if c["names"] == [ALICE])
+        assert alice["last_error"] is None
+        assert status["orders"]["issued"] >= 3  # control host, alice, alice renewed
+    finally:
+        d.cleanup()
+        pebble.cleanup()
+
+
+def test_ca_down_backs_off_without_blocking_valid_names(deployment: TlsDeployment) -> None:
+    deployment.wait_certificate(DOMAIN)
+    deployment.pebble.stop_pebble()
+
+    # A registered name with no certificate: the order fails at once, the handshake gets
+    # the self-signed fallback rather than hanging, and the failure is in the status.
+    began = time.monotonic()
+    with pytest.raises(ssl.SSLCertVerificationError):
+        deployment.https(ALICE, "/health")
+    assert time.monotonic() - began < 8
+    status = deployment.api("/api/tls/status")
+    failing = next(c for c in status["certificates"] if c["names"] == [ALICE])
+    assert "cannot reach the CA" in failing["last_error"]
+    assert failing["retry_in_seconds"] > 10
+    assert status["orders"]["failed"] == 1
+
+    # Backing off: the next handshake places no order.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        deployment.https(ALICE, "/health")
+    assert deployment.api("/api/tls/status")["orders"]["failed"] == 1
+
+    # The control host keeps its valid certificate; the supervisor is alive.
+    response, _, _ = deployment.https(DOMAIN, "/health")
+    assert response.status == 200
+    assert deployment.supervisors[-1].poll() is None
