@@ -37,8 +37,13 @@ class RoutingTable:
         return None if key is None else self.targets.get(key)
 
 
-def build(rows: list[tuple[str, str, float, float, str, str]], services: list[str]) -> RoutingTable:
-    """From (service, id, request_timeout, wake_timeout, state, socket_path) rows."""
+def build(
+    rows: list[tuple[str, str, float, float, str, str]],
+    services: list[str],
+    domains: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+) -> RoutingTable:
+    """From (service, id, request_timeout, wake_timeout, state, socket_path) rows and
+    (domain, service, id) rows."""
     targets: dict[InstanceKey, Target] = {}
     running: dict[InstanceKey, str] = {}
     for service, instance_id, request_timeout, wake_timeout, state, socket_path in rows:
@@ -46,7 +51,8 @@ def build(rows: list[tuple[str, str, float, float, str, str]], services: list[st
         targets[key] = Target(key, request_timeout, wake_timeout)
         if state == "running" and socket_path:
             running[key] = socket_path
-    return RoutingTable(frozenset(services), targets, running)
+    by_domain = {name: InstanceKey(service, instance_id) for name, service, instance_id in domains}
+    return RoutingTable(frozenset(services), targets, running, by_domain)
 
 
 @sync_to_async
@@ -54,6 +60,7 @@ def load() -> RoutingTable:
     from django.db import close_old_connections
 
     from instances.models import Instance, Service
+    from routing.models import Domain
 
     close_old_connections()
     rows = Instance.objects.values_list(
@@ -64,4 +71,5 @@ def load() -> RoutingTable:
         "state",
         "socket_path",
     )
-    return build(list(rows), list(Service.objects.values_list("name", flat=True)))
+    domains = Domain.objects.values_list("name", "instance__service__name", "instance__instance_id")
+    return build(list(rows), list(Service.objects.values_list("name", flat=True)), list(domains))

@@ -6,12 +6,14 @@ from rest_framework.routers import DefaultRouter
 
 from instances.api import logs, schema, views  # noqa: F401  (schema registers an extension)
 from proxy.tls.api import TlsStatusView
+from routing.api import DomainViewSet
 
 router = DefaultRouter()
 router.trailing_slash = "/?"  # scripts and the CLI may leave the slash off; no redirect
 router.register("services", views.ServiceViewSet, basename="service")
 router.register("instances", views.InstanceViewSet, basename="instance")
 router.register("tokens", views.TokenViewSet, basename="token")
+router.register("domains", DomainViewSet, basename="domain")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),

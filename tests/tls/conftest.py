@@ -93,16 +93,20 @@ class TlsDeployment(Deployment):
         self.wait_for(f"a verified certificate for {host}", verified, timeout)
         return found[0][2]
 
-    def api(self, path: str) -> Any:
+    def api(self, path: str, method: str = "GET", body: Any = None) -> Any:
+        """A call with a write token over plain HTTP to the control host."""
         if not self.token:
-            result = self.manage("createtoken", "--name", f"t{time.monotonic_ns()}")
+            name = f"t{time.monotonic_ns()}"
+            result = self.manage("createtoken", "--name", name, "--scope", "write")
             assert result.returncode == 0, result.stderr
             self.token = result.stdout.strip().splitlines()[-1]
-        response, body = http_request(
-            self.http_port, DOMAIN, path, headers={"Authorization": f"Bearer {self.token}"}
+        headers = {"Authorization": f"Bearer {self.token}", "Content-Type": "application/json"}
+        data = json.dumps(body) if body is not None else None
+        response, answer = http_request(
+            self.http_port, DOMAIN, path, method=method, body=data, headers=headers
         )
-        assert response.status == 200, (response.status, body)
-        return json.loads(body)
+        assert response.status in (200, 201), (response.status, answer)
+        return json.loads(answer)
 
 
 @pytest.fixture

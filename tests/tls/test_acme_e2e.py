@@ -153,3 +153,36 @@ def test_ca_down_backs_off_without_blocking_valid_names(deployment: TlsDeploymen
     response, _, _ = deployment.https(DOMAIN, "/health")
     assert response.status == 200
     assert deployment.supervisors[-1].poll() is None
+
+
+def test_custom_domain_routed_and_certified(deployment: TlsDeployment) -> None:
+    deployment.wait_certificate(DOMAIN)
+    custom = "notes.alice-corp.test"
+    added = deployment.api("/api/domains/", "POST", {"name": custom, "instance": "web:alice"})
+    assert added["instance"] == "web:alice"
+
+    # Routed like alice's own host, over plain HTTP ...
+    response, body = http_request(deployment.http_port, custom, "/whoami")
+    assert response.status == 200, body
+    assert json.loads(body)["instance"] == "alice"
+    # ... and over HTTPS, with its own certificate on the first handshake.
+    before = deployment.pebble.orders_seen()
+    response, body, _ = deployment.https(custom, "/whoami")
+    assert response.status == 200, body
+    assert json.loads(body)["instance"] == "alice"
+    assert deployment.pebble.orders_seen() == before + 1
+    raw = socket.create_connection(("127.0.0.1", deployment.https_port), timeout=10)
+    with ws_connect(
+        f"wss://{custom}/ws", sock=raw, ssl=deployment.context(), open_timeout=15
+    ) as ws:
+        ws.send("custom")
+        assert ws.recv(timeout=10) == "custom"
+
+    # A sibling nobody added: no route, no order.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        deployment.https("other.alice-corp.test", "/")
+    response, _ = http_request(deployment.http_port, "other.alice-corp.test", "/")
+    assert response.status == 404
+    assert deployment.pebble.orders_seen() == before + 1
+    names = [c["names"] for c in deployment.api("/api/tls/status")["certificates"]]
+    assert [custom] in names

@@ -1,0 +1,153 @@
+"""Custom domains: the naming rules (pure) and /api/domains in-process."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from django.core.cache import cache
+from rest_framework.test import APIClient
+
+from instances import tokens
+from instances.ids import InstanceKey
+from instances.models import Instance, Service
+from routing import table
+from routing.domains import DomainError, check_name
+from routing.models import Domain
+from tests.conftest import TENANT_PYTHON, TESTAPP
+
+ALICE = InstanceKey("notes", "alice")
+_names = itertools.count()
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("notes.alice-corp.com", "notes.alice-corp.com"),
+        ("Notes.Alice-Corp.COM.", "notes.alice-corp.com"),
+        ("www.alice.notes.example.com", "www.alice.notes.example.com"),  # beneath its own host
+    ],
+)
+def test_names_accepted(raw: str, expected: str) -> None:
+    assert check_name(raw, ALICE, "example.com") == expected
+
+
+@pytest.mark.parametrize(
+    "raw, why",
+    [
+        ("bad_name.com", "not a DNS name"),
+        ("a..b.com", "not a DNS name"),
+        ("notes.alice-corp.com:8443", "without a port"),
+        ("localhost", "with a dot"),
+        ("10.0.0.1", "not an address"),
+        ("example.com", "under this server's domain"),
+        ("bob.notes.example.com", "under this server's domain"),
+        ("x.bob.notes.example.com", "under this server's domain"),
+        ("evil.example.com", "under this server's domain"),
+    ],
+)
+def test_names_refused(raw: str, why: str) -> None:
+    with pytest.raises(DomainError, match=why):
+        check_name(raw, ALICE, "example.com")
+
+
+def test_routing_table_maps_domains() -> None:
+    built = table.build(
+        [("notes", "alice", 30.0, 30.0, "running", "/s")],
+        ["notes"],
+        [("notes.alice-corp.com", "notes", "alice"), ("gone.example.org", "notes", "zed")],
+    )
+    assert built.domain_target("notes.alice-corp.com").key == ALICE
+    assert built.domain_target("gone.example.org") is None  # no such instance
+    assert built.domain_target("other.example.org") is None
+
+
+@pytest.fixture
+def world(tmp_path: Path, settings: Any) -> Iterator[dict[str, Instance]]:
+    cache.clear()
+    settings.TENEMENT_DATA_DIR = tmp_path
+    settings.TENEMENT_DOMAIN = "example.com"
+    service = Service.objects.create(
+        name="notes", command=f"{TENANT_PYTHON} {TESTAPP}", data_dir=str(tmp_path)
+    )
+    yield {t: Instance.objects.create(service=service, instance_id=t) for t in ("alice", "bob")}
+    cache.clear()
+
+
+def client(scope: str, tenant: str = "") -> APIClient:
+    api = APIClient()
+    minted = tokens.mint(f"t-{next(_names)}", scope, tenant)
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {minted.secret}")
+    return api
+
+
+@pytest.mark.django_db
+def test_api_add_list_remove(world: dict[str, Instance]) -> None:
+    api = client("write")
+    created = api.post(
+        "/api/domains/", {"name": "Notes.Alice-Corp.com", "instance": "notes:alice"}, format="json"
+    )
+    assert created.status_code == 201, created.content
+    assert created.json()["name"] == "notes.alice-corp.com"
+    assert created.json()["instance"] == "notes:alice"
+
+    # Unique: bob cannot take it; nothing stored changes.
+    taken = api.post(
+        "/api/domains/", {"name": "notes.alice-corp.com", "instance": "notes:bob"}, format="json"
+    )
+    assert taken.status_code == 409
+    assert "notes:alice" in taken.json()["error"]["message"]
+
+    bad = api.post(
+        "/api/domains/", {"name": "bob.notes.example.com", "instance": "notes:alice"}, format="json"
+    )
+    assert bad.status_code == 400
+    assert "under this server's domain" in bad.json()["error"]["fields"]["name"][0]
+    nobody = api.post(
+        "/api/domains/", {"name": "x.example.org", "instance": "notes:zed"}, format="json"
+    )
+    assert nobody.status_code == 400
+    assert "not registered" in nobody.json()["error"]["fields"]["instance"][0]
+
+    listed = client("read").get("/api/domains/")
+    assert [d["name"] for d in listed.json()] == ["notes.alice-corp.com"]
+    assert client("read").get("/api/domains/notes.alice-corp.com/").status_code == 200
+
+    assert api.delete("/api/domains/notes.alice-corp.com/").status_code == 204
+    assert Domain.objects.count() == 0
+    assert api.delete("/api/domains/notes.alice-corp.com/").status_code == 404
+
+
+@pytest.mark.django_db
+def test_api_tenant_tokens_only_their_own(world: dict[str, Instance]) -> None:
+    Domain.objects.create(name="bob.example.org", instance=world["bob"])
+    alice = client("write", tenant="alice")
+    assert alice.get("/api/domains/").json() == []
+    assert alice.get("/api/domains/bob.example.org/").status_code == 404
+    refused = alice.post(
+        "/api/domains/", {"name": "a.example.org", "instance": "notes:bob"}, format="json"
+    )
+    assert refused.status_code == 403
+    ok = alice.post(
+        "/api/domains/", {"name": "a.example.org", "instance": "notes:alice"}, format="json"
+    )
+    assert ok.status_code == 201
+    assert (
+        client("read").post("/api/domains/", {"name": "c.example.org"}, format="json").status_code
+        == 403
+    )
+    assert client("read").delete("/api/domains/a.example.org/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_tls_status_without_tls(world: dict[str, Instance]) -> None:
+    status = client("read").get("/api/tls/status").json()
+    # Upstream's shape first.
+    assert status["enabled"] is False
+    assert {"domain", "staging", "https_port", "http_port", "recommendation"} <= set(status)
+    assert "[settings.tls]" in status["recommendation"]
+    assert client("read", tenant="alice").get("/api/tls/status").status_code == 403
+    assert APIClient().get("/api/tls/status").status_code == 401
