@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, tokens
+from instances.cli import configcheck, lifecycle, logs, tls, tokens
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -262,6 +262,10 @@ def add_releases(verbs: Verbs) -> None:
         parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
+def add_tls(verbs: Verbs) -> None:
+    tls.add_verbs(verbs, instance_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(
@@ -272,7 +276,15 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = Verbs(parser, common)
-    for add in (add_lifecycle, add_status, add_logs, add_tokens, add_config, add_releases):
+    for add in (
+        add_lifecycle,
+        add_status,
+        add_logs,
+        add_tokens,
+        add_config,
+        add_releases,
+        add_tls,
+    ):
         add(verbs)
     return parser
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import signal
 import ssl
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -92,6 +94,23 @@ class TlsDeployment(Deployment):
 
         self.wait_for(f"a verified certificate for {host}", verified, timeout)
         return found[0][2]
+
+    def ten(self, *args: str) -> subprocess.CompletedProcess[str]:
+        """The `ten` CLI against this deployment's control host, with the write token."""
+        self.api("/api/tls/status")  # makes the token
+        env = {
+            **self.env,
+            "TENEMENT_SERVER": f"http://127.0.0.1:{self.http_port}",
+            "TENEMENT_TOKEN": self.token,
+        }
+        return subprocess.run(
+            [sys.executable, "-m", "instances.cli", *args],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env=env,
+            cwd=REPO,
+        )
 
     def api(self, path: str, method: str = "GET", body: Any = None) -> Any:
         """A call with a write token over plain HTTP to the control host."""

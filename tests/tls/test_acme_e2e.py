@@ -149,6 +149,10 @@ def test_ca_down_backs_off_without_blocking_valid_names(deployment: TlsDeploymen
         deployment.https(ALICE, "/health")
     assert deployment.api("/api/tls/status")["orders"]["failed"] == 1
 
+    status = deployment.ten("tls", "status")
+    assert status.returncode == 1  # an order is failing
+    assert "cannot reach the CA" in status.stdout
+
     # The control host keeps its valid certificate; the supervisor is alive.
     response, _, _ = deployment.https(DOMAIN, "/health")
     assert response.status == 200
@@ -186,3 +190,18 @@ def test_custom_domain_routed_and_certified(deployment: TlsDeployment) -> None:
     assert deployment.pebble.orders_seen() == before + 1
     names = [c["names"] for c in deployment.api("/api/tls/status")["certificates"]]
     assert [custom] in names
+
+    # The CLI: list, status, remove (then the domain is no longer routed).
+    listed = deployment.ten("domain", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert custom in listed.stdout and "web:alice" in listed.stdout
+    status = deployment.ten("tls", "status")
+    assert status.returncode == 0, status.stderr
+    assert custom in status.stdout and "Pebble" in status.stdout
+    removed = deployment.ten("domain", "remove", custom)
+    assert removed.returncode == 0, removed.stderr
+    deployment.wait_for(
+        "the route to go",
+        lambda: http_request(deployment.http_port, custom, "/whoami")[0].status == 404,
+        timeout=10,
+    )
