@@ -7,6 +7,7 @@ import os
 import socket
 import ssl
 import stat
+import sys
 import time
 from pathlib import Path
 
@@ -205,3 +206,22 @@ def test_custom_domain_routed_and_certified(deployment: TlsDeployment) -> None:
         lambda: http_request(deployment.http_port, custom, "/whoami")[0].status == 404,
         timeout=10,
     )
+
+
+def test_wildcard_through_dns_01(short_tmp: Path, pebble: Pebble) -> None:
+    hook = f"{sys.executable} {Path(__file__).parent / 'dns_hook.py'}"
+    d = TlsDeployment(short_tmp, pebble, tls_extra=f'wildcard = true\ndns_hook = "{hook}"')
+    d.env["CHALLTESTSRV_URL"] = f"http://127.0.0.1:{pebble.challtest_port}"
+    try:
+        d.run()
+        d.wait_states({"web:alice": "running"})
+        d.wait_certificate(DOMAIN)
+        response, body, _ = d.https(ALICE, "/whoami")
+        assert response.status == 200, body
+        status = d.api("/api/tls/status")
+        names = [c["names"] for c in status["certificates"]]
+        assert [f"*.web.{DOMAIN}"] in names
+        assert [ALICE] not in names  # one wildcard for the service, not one per tenant
+        assert pebble.orders_seen() == 2
+    finally:
+        d.cleanup()
