@@ -22,7 +22,21 @@ DOMAIN = "tenement.test"
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 
 
-def config(pebble: Pebble, https_port: int, tls_extra: str = "") -> str:
+WEB = f"""
+[service.web]
+command = "{APP} --log-level warning"
+health = "/health"
+isolation = "process"
+"""
+
+
+def config(
+    pebble: Pebble,
+    https_port: int,
+    tls_extra: str = "",
+    services: str = WEB,
+    instances: str = 'web = ["alice"]',
+) -> str:
     return f"""
 [settings]
 health_check_interval = 1
@@ -34,14 +48,9 @@ directory_url = "{pebble.directory}"
 https_port = {https_port}
 http_port = {pebble.http_port}
 {tls_extra}
-
-[service.web]
-command = "{APP} --log-level warning"
-health = "/health"
-isolation = "process"
-
+{services}
 [instances]
-web = ["alice"]
+{instances}
 """
 
 
@@ -49,9 +58,9 @@ class TlsDeployment(Deployment):
     """runsupervisor with [settings.tls] against `pebble`: HTTP on pebble's validation
     port, HTTPS on a free one."""
 
-    def __init__(self, root: Path, pebble: Pebble, tls_extra: str = "") -> None:
+    def __init__(self, root: Path, pebble: Pebble, tls_extra: str = "", **more: str) -> None:
         self.https_port = free_port()
-        super().__init__(root, config(pebble, self.https_port, tls_extra))
+        super().__init__(root, config(pebble, self.https_port, tls_extra, **more))
         self.pebble = pebble
         self.http_port = pebble.http_port
         self.env["TENEMENT_DOMAIN"] = DOMAIN

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import ssl
 import stat
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
 from websockets.sync.client import connect as ws_connect
 
+from tests.conftest import TENANT_PYTHON
 from tests.harness import free_port, http_request
 from tests.tls.conftest import DOMAIN, TlsDeployment
 from tests.tls.pebble import Pebble, https_request
@@ -225,3 +228,49 @@ def test_wildcard_through_dns_01(short_tmp: Path, pebble: Pebble) -> None:
         assert pebble.orders_seen() == 2
     finally:
         d.cleanup()
+
+
+PROBE = Path(__file__).parent.parent / "apps" / "probe.py"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-tenant uids need root (CI runs as root)")
+def test_cache_dir_out_of_every_tenants_reach(short_tmp: Path, pebble: Pebble) -> None:
+    # Outside the data dir, and outside /tmp (which sandboxes get a private copy of).
+    cache = Path(tempfile.mkdtemp(prefix="tenement-acme-", dir="/var/tmp")) / "acme"
+    cache.parent.chmod(0o755)  # only the cache itself is private
+    services = f"""
+[service.ns]
+command = "{TENANT_PYTHON} {PROBE}"
+health = "/health"
+
+[service.proc]
+command = "{TENANT_PYTHON} {PROBE}"
+health = "/health"
+isolation = "process"
+"""
+    d = TlsDeployment(
+        short_tmp,
+        pebble,
+        tls_extra=f'cache_dir = "{cache}"',
+        services=services,
+        instances='ns = ["alice"]\nproc = ["bob"]',
+    )
+    try:
+        d.run()
+        d.wait_states({"ns:alice": "running", "proc:bob": "running"})
+        d.wait_certificate(DOMAIN)
+        assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+        query = f"/probe?secret={cache}/account.key&data_root={cache}"
+        reports = {}
+        for host in (f"alice.ns.{DOMAIN}", f"bob.proc.{DOMAIN}"):
+            response, body = http_request(d.http_port, host, query)
+            assert response.status == 200, body
+            reports[host] = report = json.loads(body)
+            assert report["uid"] >= 100_000
+            assert not report["secret"].startswith("ok"), (host, report["secret"])
+        # In a namespace the folder is an empty tmpfs; as a plain process, 0700 root's.
+        assert reports[f"alice.ns.{DOMAIN}"]["data_root_list"] == "ok: []"
+        assert reports[f"bob.proc.{DOMAIN}"]["data_root_list"].startswith("PermissionError")
+    finally:
+        d.cleanup()
+        shutil.rmtree(cache.parent, ignore_errors=True)
