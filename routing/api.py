@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from asgiref.sync import async_to_sync
-from channels.layers import get_channel_layer
 from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
@@ -19,7 +17,6 @@ from rest_framework.response import Response
 from instances.api.auth import tenant_of
 from instances.api.errors import Conflict
 from instances.ids import InvalidName, parse_key
-from instances.messages import PROXY_GROUP
 from instances.models import Instance
 from routing import domains
 from routing.models import Domain
@@ -41,13 +38,6 @@ class DomainSerializer(serializers.ModelSerializer):
 class DomainCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=300, help_text="e.g. notes.alice-corp.com")
     instance = serializers.CharField(max_length=130, help_text="SERVICE:ID, e.g. notes:alice")
-
-
-def routes_changed() -> None:
-    """Tell the proxies to reload their routing snapshot (as the supervisor does)."""
-    layer = get_channel_layer()
-    if layer is not None:
-        async_to_sync(layer.group_send)(PROXY_GROUP, {"type": "routes.changed"})
 
 
 class DomainViewSet(
@@ -89,7 +79,6 @@ class DomainViewSet(
             raise Conflict(str(e)) from None
         except domains.DomainError as e:
             raise ValidationError({"name": [str(e)]}) from None
-        routes_changed()
         log.info("custom domain %s -> %s added", domain.name, key, extra={"event": "domain_added"})
         return Response(self.get_serializer(domain).data, status=status.HTTP_201_CREATED)
 
@@ -110,7 +99,6 @@ class DomainViewSet(
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         domain = self.get_object()
-        domain.delete()
-        routes_changed()
+        domains.remove(domain)
         log.info("custom domain %s removed", domain.name, extra={"event": "domain_removed"})
         return Response(status=status.HTTP_204_NO_CONTENT)

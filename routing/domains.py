@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import ipaddress
 
+from asgiref.sync import async_to_sync
+from channels.layers import get_channel_layer
 from django.db import IntegrityError, transaction
 
 from instances.ids import InstanceKey
+from instances.messages import PROXY_GROUP
 from routing.hosts import MalformedHost, normalize
 from routing.models import Domain
 
@@ -57,8 +60,22 @@ def add(raw: str, instance: object, key: InstanceKey, control_domain: str) -> Do
     name = check_name(raw, key, control_domain)
     try:
         with transaction.atomic():
-            return Domain.objects.create(name=name, instance=instance)
+            domain = Domain.objects.create(name=name, instance=instance)
     except IntegrityError:
         owner = Domain.objects.filter(name=name).select_related("instance__service").first()
         who = f" by {owner.instance.service.name}:{owner.instance.instance_id}" if owner else ""
         raise DomainTaken(f"{name!r} is already in use{who}") from None
+    routes_changed()
+    return domain
+
+
+def remove(domain: Domain) -> None:
+    domain.delete()
+    routes_changed()
+
+
+def routes_changed() -> None:
+    """Tell the proxies to reload their routing snapshot (as the supervisor does)."""
+    layer = get_channel_layer()
+    if layer is not None:
+        async_to_sync(layer.group_send)(PROXY_GROUP, {"type": "routes.changed"})

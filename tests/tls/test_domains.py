@@ -151,3 +151,29 @@ def test_tls_status_without_tls(world: dict[str, Instance]) -> None:
     assert "[settings.tls]" in status["recommendation"]
     assert client("read", tenant="alice").get("/api/tls/status").status_code == 403
     assert APIClient().get("/api/tls/status").status_code == 401
+
+
+@pytest.mark.django_db
+def test_dashboard_page_adds_lists_and_removes(world: dict[str, Instance]) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    anonymous = Client(HTTP_HOST="localhost")
+    assert anonymous.get("/tls/").status_code == 302  # staff login first
+    staff = Client(HTTP_HOST="localhost")
+    staff.force_login(User.objects.create_user("op", password="x", is_staff=True))
+    page = staff.get("/tls/").content.decode()
+    assert "TLS is off" in page and "No custom domains." in page
+
+    refused = staff.post("/tls/", {"name": "bob.notes.example.com", "instance": "notes:alice"})
+    assert refused.status_code == 200
+    assert "under this server&#x27;s domain" in refused.content.decode()
+    assert not Domain.objects.exists()
+
+    added = staff.post("/tls/", {"name": "notes.alice-corp.com", "instance": "notes:alice"})
+    assert added.status_code == 302
+    page = staff.get("/tls/").content.decode()
+    assert 'data-domain="notes.alice-corp.com"' in page and "notes:alice" in page
+
+    assert staff.post("/tls/domains/notes.alice-corp.com/remove/").status_code == 302
+    assert not Domain.objects.exists()
