@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
 from tests.conftest import TENANT_PYTHON
@@ -59,6 +60,23 @@ def test_control_host_then_tenant_on_first_handshake(deployment: TlsDeployment) 
     with pytest.raises(ssl.SSLCertVerificationError):
         deployment.https(f"mallory.web.{DOMAIN}", "/")
     assert deployment.pebble.orders_seen() == 2
+
+    # The metrics: each certificate's expiry, and the orders by outcome.
+    status, _, raw = deployment.private_get("/metrics")
+    assert status == 200
+    families = {f.name: f for f in text_string_to_metric_families(raw.decode())}
+    expiry = {
+        s.labels["name"]: s.value
+        for s in families["tenement_tls_certificate_expiry_seconds"].samples
+    }
+    assert set(expiry) == {DOMAIN, ALICE}
+    assert all(value > time.time() + 86400 for value in expiry.values())  # Unix time
+    orders = {
+        s.labels["outcome"]: s.value
+        for s in families["tenement_acme_orders"].samples
+        if s.name == "tenement_acme_orders_total"
+    }
+    assert orders == {"issued": 2.0}
 
     # The cache: 0700, files 0600, owned by the supervisor's user.
     cache = deployment.data / "acme"

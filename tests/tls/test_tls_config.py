@@ -143,3 +143,17 @@ async def test_backoff_doubles_and_status_says_why(tmp_path: Path) -> None:
     assert row["last_error"] == "again" and row["retry_in_seconds"] == 2 * BACKOFF_BASE
     assert manager.outcomes["failed"] == 2
     await asyncio.sleep(0)
+
+
+def test_offline_config_check_knows_the_tls_keys(tmp_path: Path) -> None:
+    from instances.cli import configcheck
+    from proxy.tls.config import TlsTable
+
+    assert set(configcheck.TLS) == set(TlsTable.model_fields)
+    problems = configcheck.check_tables(
+        {"settings": {"tls": {"enabled": "yes", "redirect_https": True}}}
+    )
+    assert problems == [
+        "settings.tls.enabled: must be true or false (got 'yes')",
+        "settings.tls.redirect_https: unknown key (did you mean 'redirect_http'?)",
+    ]
