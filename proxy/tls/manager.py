@@ -13,6 +13,7 @@ import asyncio
 import collections
 import contextlib
 import datetime
+import ipaddress
 import logging
 import ssl
 import time
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from instances import metrics
+from proxy.limits import log_throttle
 from proxy.tls.config import TlsConfig
 from proxy.tls.issuer import Issuer, OrderFailed
 from proxy.tls.store import CertStore, StoredCert, describe, now, write_private
@@ -164,12 +166,19 @@ class CertManager:
     async def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake naming `server_name` (the control host when the
         client sent none). Waits up to handshake_wait for an order, then falls back."""
-        name = (server_name or self.config.domain).lower().rstrip(".")
+        name = self.name_of(server_name)
         if (served := self.lookup(name)) is not None:
             return served.context
         names = await self.resolver(name)
         if names is None:
-            log.info("TLS: no certificate for unregistered name %r: self-signed fallback", name)
+            # Anyone can send any name: one line a second, not one per handshake.
+            if (held := log_throttle.allow("tls-unregistered")) is not None:
+                log.info(
+                    "TLS: no certificate for unregistered name %r: self-signed fallback "
+                    "(%d more not logged)",
+                    name[:253],
+                    held,
+                )
             return self.fallback_context()
         task = self.order(names, on_demand=True)
         if task is not None:
@@ -184,6 +193,18 @@ class CertManager:
             extra={"event": "tls_fallback", "host": name},
         )
         return self.fallback_context()
+
+    def name_of(self, server_name: str | None) -> str:
+        """The name a handshake asks for; none (or an IP literal, which SNI may not carry
+        but some clients send) means the control host, as such a Host header does."""
+        name = (server_name or "").lower().rstrip(".")
+        if not name:
+            return self.config.domain
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            return name
+        return self.config.domain
 
     def fallback_context(self) -> ssl.SSLContext:
         assert self.fallback is not None, "load() first"
