@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-import datetime
 import ipaddress
 import logging
 import ssl
@@ -21,15 +20,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from acme import crypto_util
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-
 from instances import metrics
 from proxy.limits import log_throttle
 from proxy.tls.config import TlsConfig
 from proxy.tls.issuer import Issuer, OrderFailed
-from proxy.tls.store import CertStore, StoredCert, describe, now, write_private
+from proxy.tls.store import CertStore, StoredCert, describe, now, self_signed, write_private
 
 log = logging.getLogger("tenement.tls")
 
@@ -125,21 +120,11 @@ class CertManager:
 
     def self_signed(self) -> ssl.SSLContext:
         """What a handshake gets when no real certificate can be had in time."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert = crypto_util.make_self_signed_cert(
-            key, [self.config.domain], validity=datetime.timedelta(days=365)
-        )
+        cert_pem, key_pem = self_signed([self.config.domain])
         key_path = self.store.root / "fallback.key"
         cert_path = self.store.root / "fallback.crt"
-        write_private(
-            key_path,
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            ),
-        )
-        write_private(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+        write_private(key_path, key_pem)
+        write_private(cert_path, cert_pem)
         return server_context(cert_path, key_path)
 
     def install(self, cert: StoredCert, source: str) -> Served:

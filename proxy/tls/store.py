@@ -14,11 +14,11 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtensionOID, NameOID
 
@@ -43,14 +43,36 @@ def write_private(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def new_key_pem() -> bytes:
-    """A P-256 key (every CA and client takes it; faster handshakes than RSA)."""
+def self_signed(names: list[str], days: int = 365) -> tuple[bytes, bytes]:
+    """(certificate, key) PEM: what a handshake gets while no real certificate exists."""
     key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tenement self-signed")])
+    at = now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at - timedelta(minutes=5))
+        .not_valid_after(at + timedelta(days=days))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(n) for n in names]), False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM), _pem(key)
+
+
+def _pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     return key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
+
+
+def new_key_pem() -> bytes:
+    """A P-256 key (every CA and client takes it; faster handshakes than RSA)."""
+    return _pem(ec.generate_private_key(ec.SECP256R1()))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import datetime
 import textwrap
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import pytest
 from instances.config import ConfigError, load_config
 from proxy.tls.config import LETS_ENCRYPT, LETS_ENCRYPT_STAGING
 from proxy.tls.manager import BACKOFF_BASE, CertManager, Orders
-from proxy.tls.store import StoredCert, matches
+from proxy.tls.store import StoredCert, matches, self_signed
 
 SERVICE = """
 [service.web]
@@ -157,3 +159,40 @@ def test_offline_config_check_knows_the_tls_keys(tmp_path: Path) -> None:
         "settings.tls.enabled: must be true or false (got 'yes')",
         "settings.tls.redirect_https: unknown key (did you mean 'redirect_http'?)",
     ]
+
+
+async def test_handshakes_share_one_order_and_wait_bounded(tmp_path: Path) -> None:
+    """A slow CA: concurrent handshakes for one name place one order, wait handshake_wait,
+    then get the fallback; the order goes on and its certificate serves the next ones."""
+    config = load(
+        tmp_path,
+        f'enabled = true\nacme_email = "a@b.c"\nhandshake_wait = 0.3\ncache_dir = "{tmp_path}/c"',
+    ).tls
+    alice = "alice.web.tenement.test"
+
+    async def registered(name: str) -> tuple[str, ...] | None:
+        return (name,) if name == alice else None
+
+    manager = CertManager(config, registered)
+    manager.load()
+    release = threading.Event()
+    calls: list[tuple[str, ...]] = []
+    real_store = manager.store
+
+    def slow_issue(names: tuple[str, ...]) -> StoredCert:
+        calls.append(names)
+        release.wait(10)  # the CA takes its time
+        return real_store.save(names, *self_signed(list(names)))
+
+    manager.issuer.issue = slow_issue  # type: ignore[method-assign]
+    began = time.monotonic()
+    contexts = await asyncio.gather(*(manager.context_for(alice) for _ in range(5)))
+    waited = time.monotonic() - began
+    assert 0.3 <= waited < 2
+    assert all(c is manager.fallback for c in contexts)
+    assert calls == [(alice,)]  # one order for five handshakes
+    assert await manager.context_for("stranger.web.tenement.test") is manager.fallback
+    release.set()
+    await asyncio.wait_for(manager.pending[(alice,)], 10)
+    assert await manager.context_for(alice) is manager.served[(alice,)].context
+    assert calls == [(alice,)]
