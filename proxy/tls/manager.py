@@ -55,6 +55,10 @@ class Served:
     source: str  # "acme" or "file" (cert_file/key_file: never renewed by us)
 
 
+def rank(served: Served) -> tuple[bool, float]:
+    return (served.source == "file", served.cert.not_after.timestamp())
+
+
 @dataclass
 class Failure:
     count: int
@@ -89,6 +93,7 @@ class CertManager:
         self.tokens: dict[str, str] = {}  # HTTP-01: token -> key authorization
         self.issuer = Issuer(config, self.store, self.tokens)
         self.served: dict[tuple[str, ...], Served] = {}
+        self.index: dict[str, Served] = {}
         self.failures: dict[tuple[str, ...], Failure] = {}
         self.pending: dict[tuple[str, ...], asyncio.Task[None]] = {}
         self.orders = Orders(config.orders_per_hour)
@@ -133,20 +138,27 @@ class CertManager:
         # A newer certificate replaces an older one for the same names, never the reverse.
         if current is None or current.cert.not_after <= cert.not_after:
             self.served[cert.names] = served
+            self.reindex()
         return self.served[cert.names]
+
+    def reindex(self) -> None:
+        """name or wildcard pattern -> the certificate to serve: the operator's own first,
+        then the one that lasts longest. Rebuilt per new certificate, read per handshake."""
+        index: dict[str, Served] = {}
+        for served in self.served.values():
+            for pattern in served.cert.names:
+                best = index.get(pattern)
+                if best is None or rank(served) > rank(best):
+                    index[pattern] = served
+        self.index = index
 
     # ---- the handshake's question ------------------------------------------------------
 
     def lookup(self, name: str) -> Served | None:
-        """The certificate covering `name`: the operator's own first, then the latest."""
-        best: Served | None = None
-        for served in self.served.values():
-            if served.cert.covers(name):
-                if served.source == "file":
-                    return served
-                if best is None or served.cert.not_after > best.cert.not_after:
-                    best = served
-        return best
+        """The certificate covering `name` (exactly, or by a one-label wildcard)."""
+        if (served := self.index.get(name)) is not None:
+            return served
+        return self.index.get("*." + name.partition(".")[2])
 
     async def context_for(self, server_name: str | None) -> ssl.SSLContext:
         """The context for a handshake naming `server_name` (the control host when the

@@ -196,3 +196,29 @@ async def test_handshakes_share_one_order_and_wait_bounded(tmp_path: Path) -> No
     await asyncio.wait_for(manager.pending[(alice,)], 10)
     assert await manager.context_for(alice) is manager.served[(alice,)].context
     assert calls == [(alice,)]
+
+
+def test_lookup_exact_then_wildcard_own_certificate_first(tmp_path: Path) -> None:
+    config = load(tmp_path, f'enabled = true\nacme_email = "a@b.c"\ncache_dir = "{tmp_path}/c"').tls
+
+    async def nobody(name: str) -> None:
+        return None
+
+    manager = CertManager(config, nobody)
+    manager.store.prepare()
+    wildcard = manager.install(
+        manager.store.save(("*.web.tenement.test",), *self_signed(["*.web.tenement.test"])), "acme"
+    )
+    exact = manager.install(
+        manager.store.save(("alice.web.tenement.test",), *self_signed(["alice.web.tenement.test"])),
+        "acme",
+    )
+    assert manager.lookup("alice.web.tenement.test") is exact
+    assert manager.lookup("bob.web.tenement.test") is wildcard
+    assert manager.lookup("a.bob.web.tenement.test") is None
+    assert manager.lookup("web.tenement.test") is None
+    own_pem = self_signed(["alice.web.tenement.test"], days=1)
+    own = manager.install(
+        manager.store.save(("alice.web.tenement.test", "x.test"), *own_pem), "file"
+    )
+    assert manager.lookup("alice.web.tenement.test") is own  # the operator's, though shorter
