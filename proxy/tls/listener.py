@@ -19,6 +19,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any
 
+from proxy.limits import EdgeLimits, Gate, Slot, log_throttle
 from proxy.server import EmbeddedServer
 from proxy.tls.manager import CertManager
 
@@ -100,14 +101,15 @@ class TlsListener:
         sock: socket.socket,
         protocol_factory: Callable[[], asyncio.Protocol],
         manager: CertManager,
-        hello_timeout: float,
-        max_pending: int,
+        gate: Gate,
     ) -> None:
         self.sock = sock
         self.protocol_factory = protocol_factory
         self.manager = manager
-        self.hello_timeout = hello_timeout
-        self.max_pending = max_pending
+        # The edge's caps (total, per address, descriptors) for handshakes under way;
+        # once one completes, the HTTP protocol's own Gate counts the connection.
+        self.gate = gate
+        self.hello_timeout = gate.limits.header_timeout
         self.pending: set[asyncio.Task[None]] = set()
         self.task: asyncio.Task[None] | None = None
 
@@ -129,15 +131,27 @@ class TlsListener:
     async def accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, _ = await loop.sock_accept(self.sock)
-            if len(self.pending) >= self.max_pending:
-                conn.close()  # the edge's connection cap, counted before any handshake work
+            conn, address = await loop.sock_accept(self.sock)
+            slot = self.gate.admit(address[0] if isinstance(address, tuple) else None)
+            if isinstance(slot, str):
+                # No plaintext answer fits a TLS client: refused before any handshake work.
+                if (held := log_throttle.allow(slot)) is not None:
+                    log.warning(
+                        "TLS connection refused: too many %s (%d more not logged)", slot, held
+                    )
+                conn.close()
                 continue
-            task = asyncio.create_task(self.handshake(conn), name="tenement-https-handshake")
+            task = asyncio.create_task(self.handshake(conn, slot), name="tenement-https-handshake")
             self.pending.add(task)
             task.add_done_callback(self.pending.discard)
 
-    async def handshake(self, conn: socket.socket) -> None:
+    async def handshake(self, conn: socket.socket, slot: Slot) -> None:
+        try:
+            await self.start_tls(conn)
+        finally:
+            slot.release()
+
+    async def start_tls(self, conn: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -161,13 +175,10 @@ class TlsListener:
 class TlsServer(EmbeddedServer):
     """uvicorn with TlsListeners instead of asyncio servers on its sockets."""
 
-    def __init__(
-        self, config: Any, manager: CertManager, hello_timeout: float, max_pending: int
-    ) -> None:
+    def __init__(self, config: Any, manager: CertManager, limits: EdgeLimits) -> None:
         super().__init__(config)
         self.manager = manager
-        self.hello_timeout = hello_timeout
-        self.max_pending = max_pending
+        self.limits = limits
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         config = self.config
@@ -178,7 +189,7 @@ class TlsServer(EmbeddedServer):
             )
 
         listeners = [
-            TlsListener(sock, create_protocol, self.manager, self.hello_timeout, self.max_pending)
+            TlsListener(sock, create_protocol, self.manager, Gate(self.limits))
             for sock in sockets or []
         ]
         for listener in listeners:

@@ -6,8 +6,6 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
-from django.conf import settings
-
 from proxy import state as proxy_state
 from proxy.limits import EdgeLimits
 from proxy.server import http_task
@@ -57,15 +55,8 @@ def start_manager(config: TlsConfig) -> CertManager:
 
 
 def tasks(manager: CertManager, https_sock: socket.socket) -> dict[str, Task]:
-    limits = EdgeLimits.from_settings()
-
     def make_server(config: Any) -> TlsServer:
-        return TlsServer(
-            config,
-            manager,
-            hello_timeout=limits.header_timeout,
-            max_pending=settings.TENEMENT_MAX_CONNECTIONS,
-        )
+        return TlsServer(config, manager, EdgeLimits.from_settings())
 
     async def renewals(supervisor: Supervisor) -> None:
         await manager.run(supervisor.stop_event)

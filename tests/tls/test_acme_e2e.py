@@ -292,3 +292,49 @@ isolation = "process"
     finally:
         d.cleanup()
         shutil.rmtree(cache.parent, ignore_errors=True)
+
+
+def test_edge_limits_hold_on_https(short_tmp: Path, pebble: Pebble) -> None:
+    d = TlsDeployment(short_tmp, pebble)
+    d.env.update(
+        TENEMENT_MAX_CONNECTIONS_PER_ADDRESS="4",
+        TENEMENT_HEADER_TIMEOUT="1",
+        TENEMENT_MAX_HEADER_KB="4",
+    )
+    try:
+        d.run()
+        d.wait_states({"web:alice": "running"})
+        d.wait_certificate(DOMAIN)
+        address = ("127.0.0.1", d.https_port)
+
+        # Connections that never send a ClientHello count against the per-address cap ...
+        idle = [socket.create_connection(address, timeout=5) for _ in range(4)]
+        time.sleep(0.2)
+        with socket.create_connection(address, timeout=5) as refused:
+            began = time.monotonic()
+            assert refused.recv(1) == b""  # closed at once, before any handshake work
+            assert time.monotonic() - began < 0.5  # not by the 1 s hello timeout
+        # ... and are closed after TENEMENT_HEADER_TIMEOUT.
+        began = time.monotonic()
+        for sock in idle:
+            assert sock.recv(1) == b""
+            sock.close()
+        assert time.monotonic() - began < 3
+
+        # Over TLS, the head limits answer as on HTTP.
+        with d.context().wrap_socket(
+            socket.create_connection(address, timeout=10), server_hostname=ALICE
+        ) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {ALICE}\r\nX-Big: {'a' * 8000}\r\n\r\n".encode())
+            assert tls.recv(100).startswith(b"HTTP/1.1 431")
+        # A handshake done but no request: closed after the head timeout too.
+        with d.context().wrap_socket(
+            socket.create_connection(address, timeout=10), server_hostname=ALICE
+        ) as tls:
+            began = time.monotonic()
+            assert tls.recv(1) == b""
+            assert time.monotonic() - began < 3
+        response, _, _ = d.https(ALICE, "/health")
+        assert response.status == 200
+    finally:
+        d.cleanup()
