@@ -10,6 +10,7 @@ from django.conf import settings
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
 from rest_framework.exceptions import NotFound, PermissionDenied, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
@@ -26,18 +27,39 @@ log = logging.getLogger("tenement.api")
 
 class DomainSerializer(serializers.ModelSerializer):
     instance = serializers.SerializerMethodField()
+    routed = serializers.BooleanField(read_only=True)
+    txt_record = serializers.SerializerMethodField()
 
     class Meta:
         model = Domain
-        fields = ("name", "instance", "created_at")
+        fields = (
+            "name",
+            "instance",
+            "verification",
+            "routed",
+            "txt_record",
+            "verified_at",
+            "created_at",
+        )
 
     def get_instance(self, domain: Domain) -> str:
         return f"{domain.instance.service.name}:{domain.instance.instance_id}"
+
+    def get_txt_record(self, domain: Domain) -> dict[str, str] | None:
+        """What to publish before `verify` (verification "txt" only)."""
+        if domain.verification != Domain.Verification.TXT:
+            return None
+        return {"name": domain.txt_name, "value": domain.txt_value}
 
 
 class DomainCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=300, help_text="e.g. notes.alice-corp.com")
     instance = serializers.CharField(max_length=130, help_text="SERVICE:ID, e.g. notes:alice")
+    verification = serializers.ChoiceField(
+        choices=Domain.Verification.values,
+        default=Domain.Verification.NONE,
+        help_text="none: routed at once; txt: routed once `verify` finds the TXT record",
+    )
 
 
 class DomainViewSet(
@@ -73,7 +95,11 @@ class DomainViewSet(
         key = parse_key(body.validated_data["instance"])
         try:
             domain = domains.add(
-                body.validated_data["name"], instance, key, settings.TENEMENT_DOMAIN
+                body.validated_data["name"],
+                instance,
+                key,
+                settings.TENEMENT_DOMAIN,
+                body.validated_data["verification"],
             )
         except domains.DomainTaken as e:
             raise Conflict(str(e)) from None
@@ -96,6 +122,18 @@ class DomainViewSet(
         if instance is None:
             raise ValidationError({"instance": [f"{key} is not registered"]})
         return instance
+
+    @extend_schema(request=None, responses={200: DomainSerializer})
+    @action(detail=True, methods=["post"])
+    def verify(self, request: Request, name: str) -> Response:
+        """Check the TXT record now; 200 once verified (then routed), else 400 saying what
+        DNS has instead."""
+        domain = self.get_object()
+        try:
+            domains.verify(domain)
+        except domains.DomainError as e:
+            raise ValidationError({"name": [str(e)]}) from None
+        return Response(self.get_serializer(domain).data)
 
     def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         domain = self.get_object()

@@ -7,15 +7,21 @@ with TLS on_demand, gets its certificate on its first handshake.
 from __future__ import annotations
 
 import ipaddress
+import secrets
 
+import dns.exception
+import dns.resolver
 from asgiref.sync import async_to_sync
 from channels.layers import get_channel_layer
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from instances.ids import InstanceKey
 from instances.messages import PROXY_GROUP
 from routing.hosts import MalformedHost, normalize
 from routing.models import Domain
+
+DNS_TIMEOUT = 5.0  # seconds for a verification lookup, retries included
 
 
 class DomainError(ValueError):
@@ -56,17 +62,70 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def add(raw: str, instance: object, key: InstanceKey, control_domain: str) -> Domain:
+def add(
+    raw: str,
+    instance: object,
+    key: InstanceKey,
+    control_domain: str,
+    verification: str = Domain.Verification.NONE,
+) -> Domain:
+    """Store a custom domain; routed at once, or (verification "txt") once verified."""
     name = check_name(raw, key, control_domain)
+    if verification not in Domain.Verification.values:
+        raise DomainError(f"verification must be one of {', '.join(Domain.Verification.values)}")
+    token = secrets.token_urlsafe(24) if verification == Domain.Verification.TXT else ""
     try:
         with transaction.atomic():
-            domain = Domain.objects.create(name=name, instance=instance)
+            domain = Domain.objects.create(
+                name=name, instance=instance, verification=verification, token=token
+            )
     except IntegrityError:
         owner = Domain.objects.filter(name=name).select_related("instance__service").first()
         who = f" by {owner.instance.service.name}:{owner.instance.instance_id}" if owner else ""
         raise DomainTaken(f"{name!r} is already in use{who}") from None
-    routes_changed()
+    if domain.routed:
+        routes_changed()
     return domain
+
+
+def verify(domain: Domain) -> None:
+    """Look for the token in DNS; mark the domain verified (and route it), or DomainError
+    saying what was found instead."""
+    if domain.routed:
+        return
+    found = txt_records(domain.txt_name)
+    if domain.txt_value not in found:
+        seen = ", ".join(repr(v) for v in found[:5]) or "no TXT record"
+        raise DomainError(
+            f"{domain.txt_name} must have the TXT record {domain.txt_value!r}; found {seen}"
+        )
+    domain.verified_at = timezone.now()
+    domain.save(update_fields=["verified_at"])
+    routes_changed()
+
+
+def txt_records(name: str) -> list[str]:
+    """The TXT values at `name` (strings of one record joined, as RFC 7208 reads them)."""
+    try:
+        answer = resolver().resolve(name, "TXT", lifetime=DNS_TIMEOUT)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return []
+    except dns.exception.DNSException as e:
+        raise DomainError(f"cannot look up {name}: {e}") from None
+    return [b"".join(record.strings).decode("utf-8", "replace") for record in answer]
+
+
+def resolver() -> dns.resolver.Resolver:
+    """The system's resolver, or TENEMENT_DNS_RESOLVER (HOST:PORT)."""
+    from django.conf import settings
+
+    if not settings.TENEMENT_DNS_RESOLVER:
+        return dns.resolver.Resolver()
+    host, _, port = settings.TENEMENT_DNS_RESOLVER.rpartition(":")
+    custom = dns.resolver.Resolver(configure=False)
+    custom.nameservers = [host.strip("[]")]
+    custom.port = int(port)
+    return custom
 
 
 def remove(domain: Domain) -> None:

@@ -60,7 +60,7 @@ def load() -> RoutingTable:
     from django.db import close_old_connections
 
     from instances.models import Instance, Service
-    from routing.models import Domain
+    from routing.models import ROUTED, Domain
 
     close_old_connections()
     rows = Instance.objects.values_list(
@@ -71,5 +71,7 @@ def load() -> RoutingTable:
         "state",
         "socket_path",
     )
-    domains = Domain.objects.values_list("name", "instance__service__name", "instance__instance_id")
+    domains = Domain.objects.filter(ROUTED).values_list(
+        "name", "instance__service__name", "instance__instance_id"
+    )
     return build(list(rows), list(Service.objects.values_list("name", flat=True)), list(domains))

@@ -9,7 +9,7 @@ from instances.cli.client import Exit, api_path, client_from
 from instances.cli.output import local_time, print_json, table
 
 CERT_HEADERS = ("NAMES", "ISSUER", "SOURCE", "EXPIRES", "NEXT RENEWAL", "LAST ERROR")
-DOMAIN_HEADERS = ("DOMAIN", "INSTANCE", "ADDED")
+DOMAIN_HEADERS = ("DOMAIN", "INSTANCE", "ROUTED", "ADDED")
 
 
 def status(args: Namespace) -> int:
@@ -51,21 +51,36 @@ def domain_list(args: Namespace) -> int:
     if args.json:
         print_json(rows)
         return Exit.OK
-    print(
-        table(
-            DOMAIN_HEADERS, [[d["name"], d["instance"], local_time(d["created_at"])] for d in rows]
-        )
-    )
+    print(table(DOMAIN_HEADERS, [domain_row(d) for d in rows]))
     return Exit.OK
 
 
+def domain_row(d: dict[str, Any]) -> list[Any]:
+    routed = "yes" if d["routed"] else "after TXT verification"
+    return [d["name"], d["instance"], routed, local_time(d["created_at"])]
+
+
 def domain_add(args: Namespace) -> int:
-    body = {"name": args.domain, "instance": args.instance}
+    body = {"name": args.domain, "instance": args.instance, "verification": args.verify}
     added = client_from(args).call("POST", api_path("domains"), body=body)
     if args.json:
         print_json(added)
-    else:
+    elif added["routed"]:
         print(f"{added['name']} -> {added['instance']}")
+    else:
+        record = added["txt_record"]
+        print(f"{added['name']} -> {added['instance']}, routed once verified: publish")
+        print(f'  {record["name"]}. TXT "{record["value"]}"')
+        print(f"then run: ten domain verify {added['name']}")
+    return Exit.OK
+
+
+def domain_verify(args: Namespace) -> int:
+    verified = client_from(args).call("POST", api_path("domains", args.domain, "verify"))
+    if args.json:
+        print_json(verified)
+    else:
+        print(f"{verified['name']} verified: now routed to {verified['instance']}")
     return Exit.OK
 
 
@@ -100,5 +115,18 @@ def add_verbs(verbs: Any, instance_key: Any) -> None:
     )
     add.add_argument("domain", metavar="DOMAIN", help="e.g. notes.alice-corp.com")
     add.add_argument("instance", metavar="SVC:ID", type=instance_key)
+    add.add_argument(
+        "--verify",
+        choices=("none", "txt"),
+        default="none",
+        help="txt: route it only once `ten domain verify` finds a TXT record (printed)",
+    )
+    verify = sub.add(
+        "verify",
+        domain_verify,
+        "Check a domain's TXT record now and route it (needs a write token).",
+        "Exit 2 with what DNS has instead if the record is not there yet.",
+    )
+    verify.add_argument("domain", metavar="DOMAIN")
     remove = sub.add("remove", domain_remove, "Stop routing a domain (needs a write token).")
     remove.add_argument("domain", metavar="DOMAIN")

@@ -23,6 +23,11 @@ from routing.models import Domain
 class DomainForm(forms.Form):
     name = forms.CharField(max_length=253, help_text="e.g. notes.alice-corp.com")
     instance = forms.CharField(max_length=130, help_text="SERVICE:ID, e.g. notes:alice")
+    verification = forms.ChoiceField(
+        choices=[("none", "none: route at once"), ("txt", "TXT record first")],
+        initial="none",
+        help_text="TXT: routed once the record shown below is published and verified.",
+    )
 
     def add(self) -> Domain | None:
         """The new domain, or None with the reason in the form's errors."""
@@ -38,7 +43,13 @@ class DomainForm(forms.Form):
             self.add_error("instance", f"{key} is not registered")
             return None
         try:
-            return domains.add(self.cleaned_data["name"], instance, key, settings.TENEMENT_DOMAIN)
+            return domains.add(
+                self.cleaned_data["name"],
+                instance,
+                key,
+                settings.TENEMENT_DOMAIN,
+                self.cleaned_data["verification"],
+            )
         except domains.DomainError as e:
             self.add_error("name", str(e))
             return None
@@ -48,7 +59,11 @@ class DomainForm(forms.Form):
 def tls(request: HttpRequest) -> HttpResponse:
     form = DomainForm(request.POST if request.method == "POST" else None)
     if form.is_bound and form.is_valid() and (added := form.add()) is not None:
-        messages.success(request, f"{added.name} now routes to {form.cleaned_data['instance']}.")
+        target = form.cleaned_data["instance"]
+        if added.routed:
+            messages.success(request, f"{added.name} now routes to {target}.")
+        else:
+            messages.success(request, f"{added.name} added for {target}: publish its TXT record.")
         return redirect("dashboard:tls")
     return render(request, "dashboard/tls.html", page_context(form))
 
@@ -67,4 +82,20 @@ def remove_domain(request: HttpRequest, name: str) -> HttpResponse:
     else:
         domains.remove(domain)
         messages.success(request, f"Removed {name}: it is no longer routed.")
+    return redirect("dashboard:tls")
+
+
+@staff_page
+@require_POST
+def verify_domain(request: HttpRequest, name: str) -> HttpResponse:
+    domain = Domain.objects.filter(name=name).first()
+    if domain is None:
+        messages.error(request, f"No custom domain {name!r}.")
+        return redirect("dashboard:tls")
+    try:
+        domains.verify(domain)
+    except domains.DomainError as e:
+        messages.error(request, f"Not verified: {e}.")
+    else:
+        messages.success(request, f"{name} verified: it is routed now.")
     return redirect("dashboard:tls")

@@ -18,6 +18,7 @@ urlpatterns = [
     path("tokens/<str:name>/revoke/", tokens.revoke, name="token-revoke"),
     path("tls/", tls.tls, name="tls"),
     path("tls/domains/<str:name>/remove/", tls.remove_domain, name="domain-remove"),
+    path("tls/domains/<str:name>/verify/", tls.verify_domain, name="domain-verify"),
     path(
         "accounts/login/",
         auth_views.LoginView.as_view(redirect_authenticated_user=True),

@@ -66,6 +66,8 @@ class TlsDeployment(Deployment):
         self.env["TENEMENT_DOMAIN"] = DOMAIN
         # Pebble's API certificate is signed by the test's own CA.
         self.env["REQUESTS_CA_BUNDLE"] = str(pebble.ca)
+        # Custom domains' TXT verification asks challtestsrv's DNS, as pebble does.
+        self.env["TENEMENT_DNS_RESOLVER"] = f"127.0.0.1:{pebble.dns_port}"
         self.token = ""
 
     def run(self) -> None:

@@ -157,6 +157,17 @@ class Pebble:
         log.close()
         self.wait_listening(self.port, "pebble")
 
+    def set_txt(self, name: str, value: str) -> None:
+        """Publish a TXT record in challtestsrv's DNS."""
+        body = json.dumps({"host": name.rstrip(".") + ".", "value": value})
+        conn = http.client.HTTPConnection("127.0.0.1", self.challtest_port, timeout=10)
+        try:
+            conn.request("POST", "/set-txt", body=body)
+            response = conn.getresponse()
+            assert response.status == 200, response.read()
+        finally:
+            conn.close()
+
     def stop_pebble(self) -> None:
         """The CA goes down (challtestsrv stays)."""
         assert self.pebble is not None

@@ -220,6 +220,23 @@ def test_custom_domain_routed_and_certified(deployment: TlsDeployment) -> None:
     status = deployment.ten("tls", "status")
     assert status.returncode == 0, status.stderr
     assert custom in status.stdout and "Pebble" in status.stdout
+
+    # With TXT verification: neither routed nor certified until the record is there.
+    pending = "shop.alice-corp.test"
+    added = deployment.ten("domain", "add", pending, "web:alice", "--verify", "txt")
+    assert added.returncode == 0, added.stderr
+    record_line = next(line for line in added.stdout.splitlines() if " TXT " in line)
+    record_name, _, value = record_line.strip().partition(". TXT ")
+    assert http_request(deployment.http_port, pending, "/whoami")[0].status == 404
+    with pytest.raises(ssl.SSLCertVerificationError):
+        deployment.https(pending, "/whoami")
+    assert deployment.ten("domain", "verify", pending).returncode == 2  # not published yet
+    deployment.pebble.set_txt(record_name, value.strip('"'))
+    verified = deployment.ten("domain", "verify", pending)
+    assert verified.returncode == 0, verified.stderr
+    response, body, _ = deployment.https(pending, "/whoami")
+    assert response.status == 200, body
+
     removed = deployment.ten("domain", "remove", custom)
     assert removed.returncode == 0, removed.stderr
     deployment.wait_for(

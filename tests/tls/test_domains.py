@@ -16,8 +16,9 @@ from instances.ids import InstanceKey
 from instances.models import Instance, Service
 from routing import table
 from routing.domains import DomainError, check_name
-from routing.models import Domain
+from routing.models import ROUTED, Domain
 from tests.conftest import TENANT_PYTHON, TESTAPP
+from tests.tls.pebble import Pebble
 
 ALICE = InstanceKey("notes", "alice")
 _names = itertools.count()
@@ -165,15 +166,72 @@ def test_dashboard_page_adds_lists_and_removes(world: dict[str, Instance]) -> No
     page = staff.get("/tls/").content.decode()
     assert "TLS is off" in page and "No custom domains." in page
 
-    refused = staff.post("/tls/", {"name": "bob.notes.example.com", "instance": "notes:alice"})
+    refused = staff.post(
+        "/tls/",
+        {"name": "bob.notes.example.com", "instance": "notes:alice", "verification": "none"},
+    )
     assert refused.status_code == 200
     assert "under this server&#x27;s domain" in refused.content.decode()
     assert not Domain.objects.exists()
 
-    added = staff.post("/tls/", {"name": "notes.alice-corp.com", "instance": "notes:alice"})
+    added = staff.post(
+        "/tls/", {"name": "notes.alice-corp.com", "instance": "notes:alice", "verification": "none"}
+    )
     assert added.status_code == 302
     page = staff.get("/tls/").content.decode()
     assert 'data-domain="notes.alice-corp.com"' in page and "notes:alice" in page
 
     assert staff.post("/tls/domains/notes.alice-corp.com/remove/").status_code == 302
     assert not Domain.objects.exists()
+
+    # TXT verification: the page shows the record to publish and a Verify button.
+    staff.post("/tls/", {"name": "b.example.org", "instance": "notes:bob", "verification": "txt"})
+    pending = Domain.objects.get(name="b.example.org")
+    page = staff.get("/tls/").content.decode()
+    assert pending.txt_value in page and "/tls/domains/b.example.org/verify/" in page
+
+
+@pytest.fixture
+def dns_server(short_tmp: Path, settings: Any) -> Iterator[Pebble]:
+    """pebble-challtestsrv as the DNS server verification asks (its API sets TXT records)."""
+    folder = short_tmp / "dns"
+    folder.mkdir()
+    server = Pebble(folder, http_port=0)
+    try:
+        server.start_challtestsrv()
+        settings.TENEMENT_DNS_RESOLVER = f"127.0.0.1:{server.dns_port}"
+        yield server
+    finally:
+        server.cleanup()
+
+
+@pytest.mark.django_db
+@pytest.mark.timeout(60)
+def test_txt_verification_before_routing(world: dict[str, Instance], dns_server: Pebble) -> None:
+    api = client("write")
+    added = api.post(
+        "/api/domains/",
+        {"name": "notes.alice-corp.com", "instance": "notes:alice", "verification": "txt"},
+        format="json",
+    ).json()
+    assert added["routed"] is False
+    record = added["txt_record"]
+    assert record["name"] == "_tenement-verify.notes.alice-corp.com"
+    routed = list(Domain.objects.filter(ROUTED).values_list("name", flat=True))
+    assert routed == []  # not routed, so no certificate either
+
+    # Nothing published yet, then the wrong value: refused, saying what DNS has.
+    missing = api.post("/api/domains/notes.alice-corp.com/verify/")
+    assert missing.status_code == 400
+    assert "no TXT record" in missing.json()["error"]["fields"]["name"][0]
+    dns_server.set_txt(record["name"], "tenement-verify=someone-elses")
+    wrong = api.post("/api/domains/notes.alice-corp.com/verify/")
+    assert "someone-elses" in wrong.json()["error"]["fields"]["name"][0]
+
+    dns_server.set_txt(record["name"], record["value"])
+    verified = api.post("/api/domains/notes.alice-corp.com/verify/")
+    assert verified.status_code == 200, verified.content
+    assert verified.json()["routed"] is True
+    routed = list(Domain.objects.filter(ROUTED).values_list("name", flat=True))
+    assert routed == ["notes.alice-corp.com"]
+    assert client("read").post("/api/domains/notes.alice-corp.com/verify/").status_code == 403
