@@ -35,6 +35,12 @@ HOUR = 3600.0
 
 # Names asked for -> the names to order, or None when we are not responsible for them.
 Resolver = Callable[[str], Awaitable[tuple[str, ...] | None]]
+# A certificate's names -> whether we still serve them (a tenant may have been removed).
+StillWanted = Callable[[tuple[str, ...]], Awaitable[bool]]
+
+
+async def always(names: tuple[str, ...]) -> bool:
+    return True
 
 
 def server_context(cert_path: Any, key_path: Any) -> ssl.SSLContext:
@@ -84,10 +90,15 @@ class Orders:
 
 class CertManager:
     def __init__(
-        self, config: TlsConfig, resolver: Resolver, clock: Callable[[], float] = time.time
+        self,
+        config: TlsConfig,
+        resolver: Resolver,
+        clock: Callable[[], float] = time.time,
+        wanted: StillWanted = always,
     ) -> None:
         self.config = config
         self.resolver = resolver
+        self.wanted = wanted
         self.clock = clock
         self.store = CertStore(config.cache_dir)
         self.tokens: dict[str, str] = {}  # HTTP-01: token -> key authorization
@@ -306,13 +317,31 @@ class CertManager:
         failure = self.failures.get(names)
         return failure is None or wall >= failure.retry_at
 
-    def renew(self) -> int:
-        """Start an order for every due certificate; how many were started."""
+    async def renew(self) -> int:
+        """Start an order for every due certificate still wanted; how many were started."""
         started = 0
         for names in self.due():
-            if self.order(names) is not None:
+            if names != self.control_names() and not await self.wanted(names):
+                self.retire(names)
+            elif self.order(names) is not None:
                 started += 1
         return started
+
+    def retire(self, names: tuple[str, ...]) -> None:
+        """Stop serving and renewing a certificate whose names are no longer ours (a
+        deregistered tenant, a removed domain); its files go too."""
+        served = self.served.pop(names, None)
+        self.failures.pop(names, None)
+        self.reindex()
+        if served is not None:
+            for path in (served.cert.cert_path, served.cert.key_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+        log.info(
+            "TLS: %s no longer served here: certificate retired, not renewed",
+            ",".join(names),
+            extra={"event": "tls_retired", "names": list(names)},
+        )
 
     def next_check(self) -> float:
         """Seconds until the next renewal or retry falls due (capped)."""
@@ -329,7 +358,7 @@ class CertManager:
         """The renewal loop: the control host's first certificate, then every renewal."""
         while not stop.is_set():
             self.wakeup.clear()
-            self.renew()
+            await self.renew()
             waits = [asyncio.ensure_future(stop.wait()), asyncio.ensure_future(self.wakeup.wait())]
             try:
                 await asyncio.wait(

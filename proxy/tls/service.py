@@ -46,9 +46,27 @@ def names_resolver(config: TlsConfig) -> Callable[[str], Awaitable[tuple[str, ..
     return names_for
 
 
+def still_wanted(config: TlsConfig) -> Callable[[tuple[str, ...]], Awaitable[bool]]:
+    """Whether a certificate's names are all still ours: renewal skips the others."""
+    names_for = names_resolver(config)
+    suffix = "." + config.domain
+
+    async def wanted(names: tuple[str, ...]) -> bool:
+        state = await proxy_state.current()
+        for name in names:
+            if name.startswith("*.") and name.endswith(suffix):
+                if name[2 : -len(suffix)] not in state.table.services:
+                    return False
+            elif await names_for(name) is None:
+                return False
+        return True
+
+    return wanted
+
+
 def start_manager(config: TlsConfig) -> CertManager:
     """Load the cache (blocking; before the loop runs) and make the manager current."""
-    manager = CertManager(config, names_resolver(config))
+    manager = CertManager(config, names_resolver(config), wanted=still_wanted(config))
     manager.load()
     tls_manager.set_current(manager)
     return manager

@@ -222,3 +222,26 @@ def test_lookup_exact_then_wildcard_own_certificate_first(tmp_path: Path) -> Non
         manager.store.save(("alice.web.tenement.test", "x.test"), *own_pem), "file"
     )
     assert manager.lookup("alice.web.tenement.test") is own  # the operator's, though shorter
+
+
+async def test_renewal_retires_names_no_longer_served(tmp_path: Path) -> None:
+    config = load(tmp_path, f'enabled = true\nacme_email = "a@b.c"\ncache_dir = "{tmp_path}/c"').tls
+    gone = ("zed.web.tenement.test",)
+
+    async def nobody(name: str) -> None:
+        return None
+
+    async def wanted(names: tuple[str, ...]) -> bool:
+        return names != gone
+
+    manager = CertManager(config, nobody, wanted=wanted)
+    manager.store.prepare()
+    own = manager.install(
+        manager.store.save(("tenement.test",), *self_signed(["tenement.test"])), "file"
+    )
+    due = manager.install(manager.store.save(gone, *self_signed(list(gone), days=0)), "acme")
+    assert due.cert.renew_at() < datetime.datetime.now(datetime.UTC)
+    assert await manager.renew() == 0  # nothing ordered for a tenant that is gone ...
+    assert manager.lookup(gone[0]) is None  # ... and its certificate is retired
+    assert not due.cert.cert_path.exists() and not due.cert.key_path.exists()
+    assert manager.lookup("tenement.test") is own
