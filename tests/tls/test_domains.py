@@ -235,3 +235,59 @@ def test_txt_verification_before_routing(world: dict[str, Instance], dns_server:
     routed = list(Domain.objects.filter(ROUTED).values_list("name", flat=True))
     assert routed == ["notes.alice-corp.com"]
     assert client("read").post("/api/domains/notes.alice-corp.com/verify/").status_code == 403
+
+
+@pytest.mark.django_db
+def test_status_page_and_api_with_tls_on(world: dict[str, Instance], tmp_path: Path) -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from proxy.tls import manager as tls_manager
+    from proxy.tls.config import TlsConfig
+    from proxy.tls.store import self_signed
+
+    config = TlsConfig(
+        domain="example.com",
+        email="ops@example.com",
+        directory_url="https://ca.example/dir",
+        cache_dir=tmp_path / "acme",
+        https_port=443,
+        http_port=80,
+        on_demand=True,
+        wildcard=False,
+        dns_hook=(),
+        cert_file=None,
+        key_file=None,
+        redirect_http=True,
+        orders_per_hour=30,
+        handshake_wait=10,
+        staging=False,
+    )
+
+    async def nobody(name: str) -> None:
+        return None
+
+    manager = tls_manager.CertManager(config, nobody)
+    manager.load()
+    manager.install(manager.store.save(("example.com",), *self_signed(["example.com"])), "acme")
+    manager.failed(("alice.notes.example.com",), "the CA refused: rate limited")
+    tls_manager.set_current(manager)
+    try:
+        status = client("read").get("/api/tls/status").json()
+        assert status["enabled"] is True and status["recommendation"] is None
+        assert status["domain"] == "example.com" and status["redirect_http"] is True
+        by_names = {tuple(c["names"]): c for c in status["certificates"]}
+        assert by_names[("example.com",)]["issuer"] == "tenement self-signed"
+        assert by_names[("example.com",)]["next_renewal"] is not None
+        failing = by_names[("alice.notes.example.com",)]
+        assert failing["last_error"] == "the CA refused: rate limited"
+        assert failing["not_after"] is None and failing["retry_in_seconds"] > 0
+        assert status["orders"] == {"failed": 1}
+
+        staff = Client(HTTP_HOST="localhost")
+        staff.force_login(User.objects.create_user("op", password="x", is_staff=True))
+        page = staff.get("/tls/").content.decode()
+        assert "https://ca.example/dir" in page
+        assert "alice.notes.example.com" in page and "rate limited" in page
+    finally:
+        tls_manager.set_current(None)
