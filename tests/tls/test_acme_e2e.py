@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.sync.client import connect as ws_connect
 
@@ -351,6 +352,25 @@ def test_edge_limits_hold_on_https(short_tmp: Path, pebble: Pebble) -> None:
             began = time.monotonic()
             assert tls.recv(1) == b""
             assert time.monotonic() - began < 3
+        # Plain HTTP on the HTTPS port: closed, never parsed as a request.
+        with socket.create_connection(address, timeout=5) as plain:
+            plain.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            began = time.monotonic()
+            try:
+                answer = plain.recv(100)
+            except ConnectionResetError:  # closed with our request unread: a reset
+                answer = b""
+            assert answer == b""
+            assert time.monotonic() - began < 0.5
+        # No server name at all: the control host's certificate.
+        context = d.context()
+        context.check_hostname = False
+        with context.wrap_socket(socket.create_connection(address, timeout=10)) as tls:
+            der = tls.getpeercert(binary_form=True)
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName
+        )
+        assert san.value.get_values_for_type(x509.DNSName) == [DOMAIN]
         response, _, _ = d.https(ALICE, "/health")
         assert response.status == 200
     finally:
