@@ -6,6 +6,8 @@ import socket
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
+from django.conf import settings
+
 from proxy import state as proxy_state
 from proxy.limits import EdgeLimits
 from proxy.server import http_task
@@ -64,8 +66,18 @@ def still_wanted(config: TlsConfig) -> Callable[[tuple[str, ...]], Awaitable[boo
     return wanted
 
 
+def secure_cookies(config: TlsConfig) -> None:
+    """With redirect_http the control host is HTTPS only: its session and CSRF cookies
+    are marked Secure, so a browser never sends them over plain HTTP (the redirect's own
+    request included)."""
+    if config.redirect_http:
+        settings.SESSION_COOKIE_SECURE = True
+        settings.CSRF_COOKIE_SECURE = True
+
+
 def start_manager(config: TlsConfig) -> CertManager:
     """Load the cache (blocking; before the loop runs) and make the manager current."""
+    secure_cookies(config)
     manager = CertManager(config, names_resolver(config), wanted=still_wanted(config))
     manager.load()
     tls_manager.set_current(manager)

@@ -105,6 +105,10 @@ def test_reuse_after_restart_and_redirect(short_tmp: Path, pebble: Pebble) -> No
         # ... except ACME's challenge path (pebble validated through it), never redirected.
         response, _ = http_request(d.http_port, ALICE, "/.well-known/acme-challenge/nope")
         assert response.status == 404
+        # The control host's cookies are Secure: never sent back over plain HTTP.
+        response, _, _ = d.https(DOMAIN, "/accounts/login/")
+        cookies = response.headers.get_all("Set-Cookie")
+        assert cookies and all("Secure" in c for c in cookies), cookies
 
         d.stop()
         account = (d.data / "acme" / "account.key").read_bytes()
