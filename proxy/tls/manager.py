@@ -194,12 +194,16 @@ class CertManager:
                 await asyncio.wait_for(asyncio.shield(task), self.config.handshake_wait)
         if (served := self.lookup(name)) is not None:
             return served.context
-        log.warning(
-            "TLS: no certificate for %s yet (%s): serving the self-signed fallback",
-            name,
-            self.why_not(names),
-            extra={"event": "tls_fallback", "host": name},
-        )
+        # A client retrying while an order backs off would log a line per handshake.
+        if (held := log_throttle.allow("tls-fallback")) is not None:
+            log.warning(
+                "TLS: no certificate for %s yet (%s): serving the self-signed fallback "
+                "(%d more not logged)",
+                name,
+                self.why_not(names),
+                held,
+                extra={"event": "tls_fallback", "host": name},
+            )
         return self.fallback_context()
 
     def name_of(self, server_name: str | None) -> str:
@@ -239,12 +243,14 @@ class CertManager:
             return None
         if on_demand and not self.orders.allow(at):
             self.count("capped")
-            log.warning(
-                "TLS: not ordering %s: orders_per_hour = %d reached",
-                ",".join(names),
-                self.config.orders_per_hour,
-                extra={"event": "acme_capped"},
-            )
+            if (held := log_throttle.allow("acme-capped")) is not None:
+                log.warning(
+                    "TLS: not ordering %s: orders_per_hour = %d reached (%d more not logged)",
+                    ",".join(names),
+                    self.config.orders_per_hour,
+                    held,
+                    extra={"event": "acme_capped"},
+                )
             return None
         task = asyncio.create_task(self.run_order(names), name=f"tenement-acme-order-{names[0]}")
         self.pending[names] = task

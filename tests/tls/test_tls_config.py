@@ -245,3 +245,25 @@ async def test_renewal_retires_names_no_longer_served(tmp_path: Path) -> None:
     assert manager.lookup(gone[0]) is None  # ... and its certificate is retired
     assert not due.cert.cert_path.exists() and not due.cert.key_path.exists()
     assert manager.lookup("tenement.test") is own
+
+
+async def test_on_demand_orders_capped_per_hour(tmp_path: Path) -> None:
+    config = load(
+        tmp_path,
+        f'enabled = true\nacme_email = "a@b.c"\norders_per_hour = 1\ncache_dir = "{tmp_path}/c"',
+    ).tls
+
+    async def registered(name: str) -> tuple[str, ...]:
+        return (name,)
+
+    manager = CertManager(config, registered)
+    manager.load()
+    manager.issuer.issue = lambda names: manager.store.save(  # type: ignore[method-assign]
+        names, *self_signed(list(names))
+    )
+    first = await manager.context_for("a.web.tenement.test")
+    assert first is manager.served[("a.web.tenement.test",)].context
+    second = await manager.context_for("b.web.tenement.test")
+    assert second is manager.fallback  # over the cap: no order placed
+    assert manager.outcomes == {"issued": 1, "capped": 1}
+    assert ("b.web.tenement.test",) not in manager.pending
