@@ -9,7 +9,7 @@ class Migration(migrations.Migration):
     initial = True
 
     dependencies = [
-        ('instances', '0004_isolation'),
+        ('instances', '0001_initial'),  # the Instance model is all it needs
     ]
 
     operations = [
