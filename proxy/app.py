@@ -15,6 +15,7 @@ from typing import Any
 from django.conf import settings
 
 from instances import metrics
+from proxy import hooks
 from proxy import state as proxy_state
 from proxy.http import Exchange
 from proxy.responses import plain
@@ -65,7 +66,13 @@ class HostRouter:
             return
         route = route_for(host, self.domain)
         if isinstance(route, Control):
-            await self.control(scope, receive, send)
+            # The reverse-proxy hooks (wake, Caddy's ask) answer from memory, not Django.
+            if not (
+                self.protocol == "http"
+                and scope["path"].startswith(hooks.PREFIX)
+                and await hooks.serve(scope, receive, send, self.domain)
+            ):
+                await self.control(scope, receive, send)
         elif isinstance(route, Tenant):
             await self.tenant(route, host, scope, receive, send)
         elif isinstance(route, Malformed):

@@ -116,12 +116,23 @@ SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
 # Tenant subdomains never reach Django (proxy/app.py routes them to their apps), so they
 # are not listed: Django's host checks see the control host alone.
+# The control host also answers on localhost and loopback whatever TENEMENT_DOMAIN is, so
+# on-host health checks and the CLI always reach it (routing/hosts.py agrees).
 ALLOWED_HOSTS = [
     TENEMENT_DOMAIN,
+    "localhost",
     "127.0.0.1",
     "[::1]",
     *filter(None, os.environ.get("TENEMENT_ALLOWED_HOSTS", "").split(",")),
 ]
+# Behind a TLS terminator: scope["scheme"] already says https for a trusted proxy
+# (proxy/forwarded.py), and its X-Forwarded-Proto reaches Django from trusted peers only
+# (everyone else's copy is removed), so Django may read it too.
+if TENEMENT_TRUSTED_PROXIES:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Dashboard forms posted from the control host's own origin, whichever scheme the client
+# used: the proxy in front may not pass the port, so Origin and Host can differ by it.
+CSRF_TRUSTED_ORIGINS = [f"https://{TENEMENT_DOMAIN}", f"http://{TENEMENT_DOMAIN}"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",

@@ -1,0 +1,353 @@
+"""Debian's real nginx in front of a real runsupervisor, TLS ended at nginx with a
+self-signed certificate made here, the server block printed by `ten nginx`.
+
+Clients connect from other loopback addresses (127.0.0.5, 127.0.0.6...) so "the real
+client address" differs from nginx's own (127.0.0.1, the trusted proxy).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import re
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+import pytest
+
+from tests.conftest import REPO, TENANT_UVICORN
+from tests.harness import Deployment, free_port, listening
+
+NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
+DOMAIN = "example.test"
+SERVICE = "nginxed"
+APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
+CONFIG = f"""
+[service.{SERVICE}]
+command = "{APP} --log-level warning"
+health = "/health"
+wake_timeout = 20
+
+[instances]
+{SERVICE} = ["alice", "bob"]
+"""
+PASSWORD = "correct horse battery staple"
+
+pytestmark = [
+    pytest.mark.timeout(180),
+    pytest.mark.skipif(not Path(NGINX).exists(), reason="nginx missing: scripts/system-deps.sh"),
+]
+
+
+class Https:
+    """An HTTPS client that dials nginx on loopback from a chosen source address, sends
+    SNI and Host for `host`, and verifies the test's own certificate."""
+
+    def __init__(self, port: int, cafile: Path, source: str = "127.0.0.5") -> None:
+        self.port = port
+        self.context = ssl.create_default_context(cafile=str(cafile))
+        self.source = source
+        self.cookies: dict[str, str] = {}
+
+    def request(
+        self,
+        host: str,
+        path: str,
+        method: str = "GET",
+        body: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> tuple[http.client.HTTPResponse, bytes]:
+        raw = socket.create_connection(("127.0.0.1", self.port), 30, (self.source, 0))
+        conn = http.client.HTTPSConnection(host, self.port, timeout=60, context=self.context)
+        conn.sock = self.context.wrap_socket(raw, server_hostname=host)
+        sent = {"Host": f"{host}:{self.port}", **(headers or {})}
+        if self.cookies:
+            sent["Cookie"] = "; ".join(f"{k}={v}" for k, v in self.cookies.items())
+        try:
+            conn.request(method, path, body=body, headers=sent)
+            response = conn.getresponse()
+            data = response.read()
+        finally:
+            conn.close()
+        for header in response.headers.get_all("Set-Cookie") or []:
+            name, _, rest = header.partition("=")
+            self.cookies[name] = rest.split(";", 1)[0]
+        return response, data
+
+
+class Front:
+    """runsupervisor behind nginx; cleans up both."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.deployment = Deployment(root, CONFIG)
+        self.deployment.env.update(
+            TENEMENT_TRUSTED_PROXIES="127.0.0.1", DJANGO_SUPERUSER_PASSWORD=PASSWORD
+        )
+        self.port = free_port()
+        self.https_port = free_port()
+        self.cert, self.key = self.certificate()
+        self.nginx: subprocess.Popen[bytes] | None = None
+
+    def certificate(self) -> tuple[Path, Path]:
+        cert, key = self.root / "cert.pem", self.root / "key.pem"
+        names = f"DNS:{DOMAIN},DNS:*.{SERVICE}.{DOMAIN}"
+        subprocess.run(
+            [
+                *(
+                    "openssl",
+                    "req",
+                    "-x509",
+                    "-newkey",
+                    "ec",
+                    "-pkeyopt",
+                    "ec_paramgen_curve:P-256",
+                ),
+                *("-nodes", "-days", "1", "-subj", f"/CN={DOMAIN}", "-addext"),
+                *(f"subjectAltName={names}", "-keyout", str(key), "-out", str(cert)),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        return cert, key
+
+    def start(self) -> None:
+        d = self.deployment
+        bind = f"127.0.0.1:{self.port}"
+        d.start("--config", str(d.config), "--domain", DOMAIN, "--bind", bind, http=True)
+        d.wait_for("tenement listening", lambda: listening(self.port), 60)
+        d.wait_states({f"{SERVICE}:alice": "running", f"{SERVICE}:bob": "running"}, 60)
+        created = subprocess.run(
+            [
+                sys.executable,
+                "manage.py",
+                "createsuperuser",
+                "--noinput",
+                "--username",
+                "op",
+                "--email",
+                "op@example.test",
+            ],
+            env={**d.env, "TENEMENT_DATA_DIR": str(d.data)},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stderr
+        self.start_nginx()
+
+    def start_nginx(self) -> None:
+        ten = [sys.executable, "-m", "instances.cli", "nginx", "--domain", DOMAIN]
+        server_block = subprocess.run(
+            [
+                *(*ten, "--upstream", f"127.0.0.1:{self.port}"),
+                *("--listen", f"127.0.0.1:{self.https_port}", "--http-listen", ""),
+                *("--cert", str(self.cert), "--key", str(self.key)),
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+            timeout=30,
+        ).stdout
+        (self.root / "tenement.conf").write_text(server_block)
+        temp = self.root / "nginx-temp"
+        temp.mkdir(mode=0o777)
+        temp.chmod(0o777)
+        (self.root / "nginx.conf").write_text(
+            f"worker_processes 1;\npid {self.root}/nginx.pid;\n"
+            f"error_log {self.root}/nginx-error.log info;\n"
+            "events { worker_connections 256; }\n"
+            f"http {{\n  access_log off;\n  client_body_temp_path {temp}/body;\n"
+            f"  proxy_temp_path {temp}/proxy;\n  include {self.root}/tenement.conf;\n}}\n"
+        )
+        conf = str(self.root / "nginx.conf")
+        subprocess.run([NGINX, "-t", "-c", conf], check=True, capture_output=True, timeout=30)
+        self.nginx = subprocess.Popen(
+            [NGINX, "-c", conf, "-g", "daemon off;"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.deployment.wait_for("nginx", lambda: listening(self.https_port), 30)
+
+    def logs(self) -> str:
+        """nginx's error log and the supervisor's, for assertion messages."""
+        files = [self.root / "nginx-error.log", *self.root.glob("supervisor-*.log")]
+        return "\n".join(p.read_text()[-3000:] for p in files if p.exists())
+
+    def cleanup(self) -> None:
+        if self.nginx is not None:
+            self.nginx.terminate()
+            try:
+                self.nginx.wait(10)
+            except subprocess.TimeoutExpired:
+                self.nginx.kill()
+                self.nginx.wait()
+        self.deployment.cleanup()
+
+
+@pytest.fixture(scope="module")
+def front() -> Iterator[Front]:
+    root = Path(tempfile.mkdtemp(prefix="tn", dir="/tmp"))
+    root.chmod(0o711)
+    f = Front(root)
+    try:
+        f.start()
+        yield f
+    finally:
+        f.cleanup()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def client(front: Front, source: str = "127.0.0.5") -> Https:
+    return Https(front.https_port, front.cert, source)
+
+
+def tenant(name: str) -> str:
+    return f"{name}.{SERVICE}.{DOMAIN}"
+
+
+def headers_seen(response_body: bytes) -> dict[str, list[str]]:
+    seen: dict[str, list[str]] = {}
+    for name, value in json.loads(response_body):
+        seen.setdefault(name.lower(), []).append(value)
+    return seen
+
+
+def test_a_tenant_sees_https_and_the_real_client_address(front: Front) -> None:
+    response, body = client(front).request(
+        tenant("alice"), "/headers", headers={"X-Forwarded-For": "6.6.6.6"}
+    )
+    assert response.status == 200, front.logs()
+    seen = headers_seen(body)
+    assert seen["x-forwarded-proto"] == ["https"]
+    # The client's own claim came first, nginx added the address it saw (127.0.0.5), and
+    # tenement added nginx's: the app can take the rightmost untrusted entry.
+    assert seen["x-forwarded-for"] == ["6.6.6.6, 127.0.0.5, 127.0.0.1"]
+    assert seen["host"] == [f"{tenant('alice')}:{front.https_port}"]
+
+
+def test_a_sleeping_tenant_is_woken_through_nginx(front: Front) -> None:
+    d = front.deployment
+    stopped = d.manage("stop", f"{SERVICE}:bob")
+    assert stopped.returncode == 0, stopped.stderr
+    response, body = client(front).request(tenant("bob"), "/whoami")
+    assert response.status == 200, body
+    assert json.loads(body)["instance"] == "bob"
+    assert int(response.headers["X-Tenement-Wake"]) > 0
+    d.wait_states({f"{SERVICE}:bob": "running"})
+
+
+def test_the_wake_hook_answers_when_ready_and_caddys_ask_knows_tenants(front: Front) -> None:
+    d = front.deployment
+    assert d.manage("stop", f"{SERVICE}:bob").returncode == 0
+    https = client(front)
+    query = urlencode({"host": tenant("bob")})
+    response, _ = https.request(DOMAIN, f"/_tenement/wake?{query}")
+    assert response.status == 204 and int(response.headers["X-Tenement-Wake"]) > 0
+    d.wait_states({f"{SERVICE}:bob": "running"})  # the database mirror follows shortly
+    # Already running: 204 at once, no wake.
+    response, _ = https.request(DOMAIN, f"/_tenement/wake?{query}")
+    assert response.status == 204 and "X-Tenement-Wake" not in response.headers
+    response, body = https.request(DOMAIN, "/_tenement/wake?host=" + tenant("zed"))
+    assert response.status == 404 and b"no such tenant" in body
+    response, body = https.request(DOMAIN, "/_tenement/wake?host=a..b")
+    assert response.status == 400
+    for host, status in ((tenant("alice"), 200), (DOMAIN, 200), (tenant("zed"), 404)):
+        response, _ = https.request(DOMAIN, "/_tenement/ask?domain=" + host)
+        assert response.status == status, host
+
+
+def test_dashboard_login_over_https_passes_csrf(front: Front) -> None:
+    https = client(front)
+    response, page = https.request(DOMAIN, "/accounts/login/")
+    assert response.status == 200
+    token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+    assert token, page[:500]
+    origin = f"https://{DOMAIN}:{front.https_port}"
+    form = urlencode(
+        {"username": "op", "password": PASSWORD, "csrfmiddlewaretoken": token[1].decode()}
+    ).encode()
+    response, body = https.request(
+        DOMAIN,
+        "/accounts/login/",
+        "POST",
+        form,
+        {
+            "Content-Type": "application/x-www-form-urlencoded",
+            "Origin": origin,
+            "Referer": origin + "/accounts/login/",
+        },
+    )
+    assert response.status == 302, body[:500]
+    assert "sessionid" in https.cookies
+    response, page = https.request(DOMAIN, "/")
+    assert response.status == 200 and b"alice" in page
+
+
+def test_a_forged_forwarded_header_from_a_direct_client_is_replaced(front: Front) -> None:
+    """Straight to tenement from an untrusted address, X-Forwarded-* are lies."""
+    conn = http.client.HTTPConnection(
+        "127.0.0.1", front.port, timeout=30, source_address=("127.0.0.9", 0)
+    )
+    conn.request(
+        "GET",
+        "/headers",
+        headers={
+            "Host": tenant("alice"),
+            "X-Forwarded-Proto": "https",
+            "X-Forwarded-For": "1.2.3.4",
+        },
+    )
+    response = conn.getresponse()
+    seen = headers_seen(response.read())
+    conn.close()
+    assert seen["x-forwarded-proto"] == ["http"]
+    assert seen["x-forwarded-for"] == ["127.0.0.9"]
+
+
+def test_api_tokens_and_the_failure_limit_count_the_real_client(front: Front) -> None:
+    d = front.deployment
+    made = d.manage("createtoken", "--name", "nginx-test", "--scope", "read")
+    assert made.returncode == 0, made.stderr
+    good = made.stdout.strip().splitlines()[-1]
+    guesser, other = client(front, "127.0.0.7"), client(front, "127.0.0.8")
+    bad = {"Authorization": "Bearer ten_000000000000_guess"}
+    codes = [guesser.request(DOMAIN, "/api/instances/", headers=bad)[0].status for _ in range(11)]
+    assert codes[:10] == [401] * 10 and codes[10] == 429
+    response, body = guesser.request(DOMAIN, "/api/instances/", headers=bad)
+    message = json.loads(body)["error"]["message"]
+    assert re.fullmatch(r"too many failed attempts from 127\.0\.0\.7; retry in \d+ s", message)
+    assert 0 < int(response.headers["Retry-After"]) <= 60
+    # Another client behind the same nginx is not locked out.
+    response, body = other.request(
+        DOMAIN, "/api/instances/", headers={"Authorization": f"Bearer {good}"}
+    )
+    assert response.status == 200, body
+    names = {row["instance_id"] for row in _rows(json.loads(body))}
+    assert {"alice", "bob"} <= names
+
+
+def _rows(payload: Any) -> list[dict[str, Any]]:
+    return payload["results"] if isinstance(payload, dict) else payload
+
+
+def test_the_control_host_answers_on_localhost_whatever_the_domain(front: Front) -> None:
+    for host in ("localhost", f"localhost:{front.port}", "127.0.0.1", "[::1]"):
+        conn = http.client.HTTPConnection("127.0.0.1", front.port, timeout=30)
+        conn.request("GET", "/health", headers={"Host": host})
+        response = conn.getresponse()
+        body = response.read()
+        conn.close()
+        assert response.status == 200, (host, body, front.logs())
+        assert json.loads(body)["status"] == "ok"
