@@ -1,5 +1,6 @@
-"""Debian's real nginx in front of a real runsupervisor, TLS ended at nginx with a
-self-signed certificate made here, the server block printed by `ten nginx`.
+"""Debian's real nginx and Caddy (2.6.2) in front of a real runsupervisor, each with the
+configuration `ten nginx` / `ten caddy` prints. nginx ends TLS with a self-signed
+certificate made here; Caddy issues its own on demand, asking tenement first.
 
 Clients connect from other loopback addresses (127.0.0.5, 127.0.0.6...) so "the real
 client address" differs from nginx's own (127.0.0.1, the trusted proxy).
@@ -351,3 +352,72 @@ def test_the_control_host_answers_on_localhost_whatever_the_domain(front: Front)
         conn.close()
         assert response.status == 200, (host, body, front.logs())
         assert json.loads(body)["status"] == "ok"
+
+
+# ---- Caddy (Debian bookworm's 2.6.2), from the Caddyfile `ten caddy` prints ---------------
+
+CADDY = shutil.which("caddy")
+
+
+@pytest.fixture(scope="module")
+def caddy(front: Front) -> Iterator[tuple[int, Path]]:
+    """Caddy with its own local CA, on-demand certificates asked of tenement."""
+    if CADDY is None:
+        pytest.skip("caddy missing: scripts/system-deps.sh test")
+    port, http_port = free_port(), free_port()
+    ten = [sys.executable, "-m", "instances.cli", "caddy", "--domain", DOMAIN, "--internal-tls"]
+    printed = subprocess.run(
+        [*ten, "--listen", str(port), "--upstream", f"127.0.0.1:{front.port}"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+        timeout=30,
+    ).stdout
+    # For the test only: no admin API, nothing installed into the system's trust store,
+    # and the plain-HTTP redirect listener on a free port.
+    test_options = f"    admin off\n    skip_install_trust\n    http_port {http_port}\n"
+    caddyfile = front.root / "Caddyfile"
+    caddyfile.write_text(printed.replace("{\n", "{\n" + test_options, 1))
+    home = front.root / "caddy-home"
+    env = {"HOME": str(home), "XDG_DATA_HOME": str(home / "data"), "PATH": "/usr/bin:/bin"}
+    log = open(front.root / "caddy.log", "wb")
+    proc = subprocess.Popen(
+        [CADDY, "run", "--adapter", "caddyfile", "--config", str(caddyfile)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**env, "XDG_CONFIG_HOME": str(home / "config")},
+    )
+    log.close()
+    try:
+        front.deployment.wait_for("caddy", lambda: listening(port), 60)
+        root_ca = home / "data" / "caddy" / "pki" / "authorities" / "local" / "root.crt"
+        front.deployment.wait_for("caddy's local CA", root_ca.exists, 30)
+        yield port, root_ca
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_caddy_in_front_serves_tenants_with_on_demand_certificates(
+    front: Front, caddy: tuple[int, Path]
+) -> None:
+    port, root_ca = caddy
+    https = Https(port, root_ca, "127.0.0.5")
+    response, body = https.request(tenant("alice"), "/headers")
+    assert response.status == 200, (body, (front.root / "caddy.log").read_text()[-3000:])
+    seen = headers_seen(body)
+    assert seen["x-forwarded-proto"] == ["https"]
+    assert seen["x-forwarded-for"] == ["127.0.0.5, 127.0.0.1"]
+    # No certificate for a name tenement does not serve: the ask said 404.
+    with pytest.raises(ssl.SSLError):
+        https.request(tenant("zed"), "/headers")
+    # A sleeping tenant is woken through Caddy too.
+    assert front.deployment.manage("stop", f"{SERVICE}:bob").returncode == 0
+    response, body = https.request(tenant("bob"), "/whoami")
+    assert response.status == 200 and json.loads(body)["instance"] == "bob"
+    assert int(response.headers["X-Tenement-Wake"]) > 0
