@@ -11,6 +11,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from instances import systemd
 from instances.config import ConfigError, load_config
 from instances.management.base import ensure_migrated
 from instances.supervisor import Supervisor
@@ -92,6 +93,9 @@ class Command(BaseCommand):
         if options["metrics_bind"]:
             extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
         self.report_isolation()
+        if (notify := systemd.from_environment()) is not None:
+            # Type=notify: READY and WATCHDOG follow /health's checks.
+            extra["tenement-systemd"] = systemd.task(*notify)
         drain = frozenset({"tenement-http", "tenement-metrics-http"})
         supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
