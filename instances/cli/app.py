@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, proxyconf, tokens
+from instances.cli import configcheck, install, lifecycle, logs, proxyconf, tokens
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -275,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (add_lifecycle, add_status, add_logs, add_tokens, add_config, add_releases):
         add(verbs)
     proxyconf.add(verbs)
+    install.add(verbs)
     return parser
 
 
