@@ -305,6 +305,23 @@ def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
     return problems + config_checks.settings_problems(config, tables.settings)
 
 
+SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php", ".pl", ".jar"})
+
+
+def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
+    """The program, if given by path, and script files named by absolute path, that do not
+    exist. Paths under the tenants' data dir (made at start) or a mount are not checked."""
+    # Inside the sandbox a mount's destination holds its source: not a host path.
+    made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
+    paths = [argv[0]] if argv and "/" in argv[0] else []
+    paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
+    return [
+        p
+        for p in paths
+        if not any(root and p.startswith(root) for root in made_later) and not Path(p).exists()
+    ]
+
+
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
     problems = []
     spec = spec_from_fields(name, fields)
@@ -317,6 +334,11 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems.append(f"service.{name}.command: empty command (got {fields['command']!r})")
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
+    problems += [
+        f"service.{name}.command: {path!r} does not exist (a copied config whose paths "
+        "were relative to its old folder? use absolute paths)"
+        for path in _missing_files(argv, spec)
+    ]
     if fields.get("socket"):
         template_problems = _check_socket_template(name, fields["socket"], spec)
         if template_problems:

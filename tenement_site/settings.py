@@ -15,6 +15,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from proxy.limits import parse_networks
+from tenement_site import bootstrap
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
     data_dir_from_env,
@@ -279,7 +280,8 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 # Outside every service's tree ({data_dir}/{service}/{id}): no service name can start
 # with a dot, so no tenant's files can land in what whitenoise serves under /static/.
 STATIC_ROOT = TENEMENT_DATA_DIR / ".static"
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
+if not bootstrap.READ_ONLY:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
 # Serve straight from the source folders so the embedded default needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
 # whitenoise hands Django a file iterator; under ASGI Django then warns on every static

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from asgiref.sync import sync_to_async
 
 from instances.supervisor import health as probe
+from tests.conftest import REPO, TENANT_PYTHON
 from tests.test_supervisor import (
     KEY,
     make_service,
@@ -19,6 +24,8 @@ from tests.test_supervisor import (
 )
 
 pytestmark = [pytest.mark.timeout(60)]
+
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
 async def test_the_health_probe_reads_the_whole_response(short_tmp: Path) -> None:
@@ -67,3 +74,64 @@ async def test_health_checked_at_moves_on_every_check_and_stopped_is_not_healthy
         await operator_stop(sup, KEY)
         row = await mirrored_row("alice")
         assert row.state == "stopped" and row.health_ok is None
+
+
+def manage(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")}
+    return subprocess.run(
+        [sys.executable, str(REPO / "manage.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=cwd,
+        env={**clean, **env},
+    )
+
+
+def test_loadconfig_check_creates_nothing_and_catches_unknown_services(tmp_path: Path) -> None:
+    config = tmp_path / "tenement.toml"
+    config.write_text(f'[service.web]\ncommand = "{TENANT_PYTHON} -V"\n[instances]\nweb = ["a"]\n')
+    data = tmp_path / "data"
+    ok = manage("loadconfig", "--check", str(config), cwd=tmp_path, TENEMENT_DATA_DIR=str(data))
+    assert ok.returncode == 0, ok.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tenement.toml"]  # no data dir
+    config.write_text(config.read_text() + 'wbe = ["b"]\n')
+    bad = manage("loadconfig", "--check", str(config), cwd=tmp_path, TENEMENT_DATA_DIR=str(data))
+    assert bad.returncode != 0 and "instances.wbe: no [service.wbe] is defined" in bad.stderr
+    assert "Traceback" not in bad.stderr and not data.exists()
+
+
+def test_a_copied_config_whose_scripts_are_not_there_is_refused(tmp_path: Path) -> None:
+    """examples/tenement.toml copied to /etc/tenement: {config_dir}/apps/... is gone."""
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    shutil.copy(REPO / "examples" / "tenement.toml", etc)
+    out = manage("loadconfig", "--check", str(etc / "tenement.toml"), cwd=tmp_path)
+    assert out.returncode != 0
+    assert f"'{etc}/apps/counter.py' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
+    here = manage("loadconfig", "--check", str(REPO / "examples" / "tenement.toml"), cwd=tmp_path)
+    assert here.returncode == 0, here.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "unwritable"])
+def test_a_bad_data_dir_is_one_clear_line(short_tmp: Path, kind: str) -> None:
+    target = short_tmp / "state"
+    if kind == "file":
+        target.write_text("not a folder")
+        expected = "cannot create it: it is a file"
+    else:
+        target.mkdir(mode=0o500)
+        expected = "not writable by uid"
+    # As an unprivileged user: root writes anywhere (and so would pass "unwritable").
+    out = subprocess.run(
+        [*NOBODY, sys.executable, str(REPO / "manage.py"), "ps", "--data-dir", str(target)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+        env={k: v for k, v in os.environ.items() if not k.startswith("TENEMENT_")},
+    )
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode != 0 and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"configuration error: data dir {target}") and expected in lines[0]
