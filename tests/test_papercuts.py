@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ from asgiref.sync import sync_to_async
 
 from instances.supervisor import health as probe
 from tests.conftest import REPO, TENANT_PYTHON
+from tests.harness import Deployment
 from tests.test_supervisor import (
     KEY,
     make_service,
@@ -135,3 +138,52 @@ def test_a_bad_data_dir_is_one_clear_line(short_tmp: Path, kind: str) -> None:
     lines = out.stderr.strip().splitlines()
     assert out.returncode != 0 and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"configuration error: data dir {target}") and expected in lines[0]
+
+
+def test_versions_and_an_unknown_service_in_ps(short_tmp: Path) -> None:
+    from instances.health import version
+
+    for command in ("runsupervisor", "ps"):
+        out = manage(command, "--version", cwd=short_tmp, TENEMENT_DATA_DIR=str(short_tmp))
+        assert out.stdout.strip() == f"tenement {version()}", out.stderr
+    assert manage("migrate", cwd=short_tmp, TENEMENT_DATA_DIR=str(short_tmp)).returncode == 0
+    out = manage("ps", "nosuch", cwd=short_tmp, TENEMENT_DATA_DIR=str(short_tmp))
+    assert out.returncode == 1
+    assert out.stderr.strip() == "CommandError: no such service: nosuch (services: none)"
+
+
+def test_a_port_in_use_stops_start_up_before_anything_is_registered(short_tmp: Path) -> None:
+    config = f'[service.web]\ncommand = "{TENANT_PYTHON} -V"\n[instances]\nweb = ["a"]\n'
+    d = Deployment(short_tmp, config)
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        proc = d.start("--config", str(d.config), "--bind", f"127.0.0.1:{port}", http=True)
+        assert proc.wait(60) != 0
+        log = (short_tmp / "supervisor-0.log").read_text()
+        assert f"cannot listen on 127.0.0.1:{port}: Address already in use" in log
+        assert "Traceback" not in log and "Loaded" not in log
+        with pytest.raises(sqlite3.OperationalError):  # not even migrated: nothing registered
+            d.rows()
+    finally:
+        taken.close()
+        d.cleanup()
+
+
+@pytest.mark.django_db
+def test_the_api_url_of_a_tenant_keeps_the_port_and_scheme() -> None:
+    from rest_framework.test import APIClient
+
+    from instances import tokens
+    from instances.models import Instance, Service
+
+    service = Service.objects.create(name="notes", command="x", data_dir="/tmp/x")
+    Instance.objects.create(service=service, instance_id="alice")
+    api = APIClient(HTTP_HOST="localhost:8123")
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens.mint('p', 'read').secret}")
+    row = api.get("/api/instances/notes:alice/").json()
+    assert row["url"] == "http://alice.notes.localhost:8123/"
+    row = api.get("/api/instances/notes:alice/", secure=True, HTTP_HOST="localhost").json()
+    assert row["url"] == "https://alice.notes.localhost/"
