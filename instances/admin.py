@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+from typing import Any
+
 from django.contrib import admin
+from django.http import HttpRequest
 
 from instances.models import Event, Instance, LogLine, Service
 
@@ -32,13 +35,26 @@ class InstanceAdmin(admin.ModelAdmin):
     )
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """History written by the supervisor: to read and search, never to edit or add.
+    (Deleting stays possible, as retention does.)"""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(ReadOnlyAdmin):
     list_display = ("time", "instance", "kind", "from_state", "to_state", "message")
     list_filter = ("kind",)
+    list_select_related = ("instance__service",)
 
 
 @admin.register(LogLine)
-class LogLineAdmin(admin.ModelAdmin):
+class LogLineAdmin(ReadOnlyAdmin):
     list_display = ("time", "instance", "stream", "text")
     list_filter = ("stream",)
+    list_select_related = ("instance__service",)

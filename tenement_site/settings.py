@@ -250,7 +250,8 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "tenement API",
-    "DESCRIPTION": "Services, instances, logs and tokens. Authorization: Bearer <token>.",
+    # Markdown: in backticks, or Swagger UI would take <token> for an HTML tag and hide it.
+    "DESCRIPTION": "Services, instances, logs and tokens. Send `Authorization: Bearer <token>`.",
     "VERSION": "1",
     # 3.1: JSON Schema 2020-12, so the service body can be the config loader's own schema.
     "OAS_VERSION": "3.1.0",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import socket
@@ -187,3 +188,56 @@ def test_the_api_url_of_a_tenant_keeps_the_port_and_scheme() -> None:
     assert row["url"] == "http://alice.notes.localhost:8123/"
     row = api.get("/api/instances/notes:alice/", secure=True, HTTP_HOST="localhost").json()
     assert row["url"] == "https://alice.notes.localhost/"
+
+
+def test_the_api_schema_has_one_operation_per_log_route_and_no_warnings(short_tmp: Path) -> None:
+    out = manage(
+        "spectacular", "--validate", "--fail-on-warn", "--format", "openapi-json",
+        cwd=short_tmp, TENEMENT_DATA_DIR=str(short_tmp),
+    )  # fmt: skip
+    assert out.returncode == 0 and "Warning" not in out.stderr, out.stderr
+    schema = json.loads(out.stdout)
+    assert [p for p in schema["paths"] if p.startswith("/api/logs")] == [
+        "/api/logs/",
+        "/api/logs/stream/",
+    ]
+    # Markdown code: Swagger UI shows it as written, not as an unknown HTML tag.
+    assert "`Authorization: Bearer <token>`" in schema["info"]["description"]
+
+
+@pytest.mark.django_db
+def test_both_spellings_of_the_log_routes_still_answer() -> None:
+    from rest_framework.test import APIClient
+
+    from instances import tokens
+
+    api = APIClient()
+    api.credentials(HTTP_AUTHORIZATION=f"Bearer {tokens.mint('l', 'read').secret}")
+    assert api.get("/api/logs").status_code == 200
+    assert api.get("/api/logs/").status_code == 200
+
+
+@pytest.mark.django_db
+def test_the_admin_shows_events_and_log_lines_read_only() -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+    from django.utils import timezone
+
+    from instances.models import Event, Instance, LogLine, Service
+
+    service = Service.objects.create(name="notes", command="x", data_dir="/tmp/x")
+    instance = Instance.objects.create(service=service, instance_id="alice")
+    event = Event.objects.create(instance=instance, kind="started", message="hello")
+    line = LogLine.objects.create(
+        instance=instance, stream="stdout", text="a line", time=timezone.now()
+    )
+    User.objects.create_superuser("boss", "b@x.y", "pw")
+    admin = Client()
+    admin.force_login(User.objects.get(username="boss"))
+    for model, obj in (("event", event), ("logline", line)):
+        listing = admin.get(f"/admin/instances/{model}/")
+        assert listing.status_code == 200 and f"/admin/instances/{model}/add/" not in listing.text
+        assert admin.get(f"/admin/instances/{model}/add/").status_code == 403
+        page = admin.get(f"/admin/instances/{model}/{obj.pk}/change/")
+        assert page.status_code == 200 and 'name="_save"' not in page.text
+        assert admin.post(f"/admin/instances/{model}/{obj.pk}/change/", {}).status_code == 403
