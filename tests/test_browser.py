@@ -199,7 +199,11 @@ def test_stop_and_restart(page: Page, dash: Dashboard) -> None:
 
     open_overview(page, dash, "?q=carol")
     track(page, key)
-    row(page, key).locator('button[data-action="restart"]').click()
+    # Sleeping: Start and Deregister only (Stop and Restart would do nothing).
+    actions = row(page, key).locator("button[data-action]")
+    assert actions.evaluate_all("bs => bs.map(b => b.dataset.action)") == ["start", "deregister"]
+    expect(row(page, key).locator("span.state")).to_have_text("sleeping")
+    row(page, key).locator('button[data-action="start"]').click()
     expect(row(page, key)).to_have_attribute("data-state", "running", timeout=WAIT_MS)
     expect(row(page, key).locator("span.state")).to_have_text("running")
     assert dash.rows()[key]["state"] == "running"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import shutil
 import socket
 import sqlite3
@@ -241,3 +242,36 @@ def test_the_admin_shows_events_and_log_lines_read_only() -> None:
         page = admin.get(f"/admin/instances/{model}/{obj.pk}/change/")
         assert page.status_code == 200 and 'name="_save"' not in page.text
         assert admin.post(f"/admin/instances/{model}/{obj.pk}/change/", {}).status_code == 403
+
+
+@pytest.mark.django_db
+def test_the_dashboard_offers_only_actions_that_apply_and_says_sleeping() -> None:
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    from instances.models import Instance, Service
+
+    service = Service.objects.create(name="notes", command="x", data_dir="/tmp/x")
+    for state in ("stopped", "running", "failed", "starting"):
+        Instance.objects.create(service=service, instance_id=state, state=state)
+    staff = Client()
+    staff.force_login(User.objects.create_user("op", password="pw", is_staff=True))
+    page = staff.get("/").text
+    offered = {}
+    for key, rest in re.findall(r'<tr data-key="notes:(\w+)"(.*?)</tr>', page, re.S):
+        offered[key] = re.findall(r'data-action="(\w+)"', rest)
+        if key == "stopped":
+            assert '<span class="state state-stopped">sleeping</span>' in rest
+    assert offered == {
+        "failed": ["start", "deregister"],
+        "running": ["restart", "stop", "deregister"],
+        "starting": ["stop", "deregister"],
+        "stopped": ["start", "deregister"],
+    }
+    assert '<option value="stopped">sleeping</option>' in page
+    detail = staff.get("/instances/notes:stopped/").text
+    assert '<span id="instance-state" class="state state-stopped">sleeping</span>' in detail
+    assert re.findall(r'<button type="submit" data-action="(\w+)"', detail) == [
+        "start",
+        "deregister",
+    ]

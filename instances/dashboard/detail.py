@@ -18,7 +18,7 @@ from django.shortcuts import render
 
 from instances import operations as ops
 from instances.dashboard.access import nav_context, staff_page
-from instances.dashboard.display import human_seconds, tenant_url
+from instances.dashboard.display import actions_for, human_seconds, state_label, tenant_url
 from instances.ids import InvalidName
 from instances.models import Instance
 from instances.spec import ServiceSpec
@@ -66,7 +66,8 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         events=list(instance.events.order_by("-id")[:EVENTS]),
         lines=lines,
         last_id=lines[-1].id if lines else 0,
-        actions=ACTIONS,
+        actions=[a for a in ACTIONS if a[0] in actions_for(instance.state)],
+        state_label=state_label(instance.state),
     )
     return render(request, "dashboard/detail.html", context)
 
