@@ -23,6 +23,7 @@ from proxy.websocket import Tunnel
 from routing.hosts import Control, MalformedHost, Route, Tenant, resolve
 
 log = logging.getLogger("tenement.proxy")
+access_log = logging.getLogger("tenement.access")
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -50,6 +51,34 @@ def host_of(scope: dict[str, Any]) -> bytes | None:
     return found or b""
 
 
+def log_access(exchange: Exchange, scope: dict[str, Any], took: float) -> None:
+    """One line per tenant request (TENEMENT_ACCESS_LOG=1), with fields for log shippers.
+    Status 499: the client left before any response (nginx's convention)."""
+    client = scope.get("client")
+    fields = {
+        "event": "access",
+        "instance": str(exchange.key),
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": exchange.status or 499,
+        "duration_ms": round(took * 1000, 2),
+        "bytes": exchange.sent_bytes,
+        "request_id": exchange.rid.decode("latin-1"),
+        "wake_ms": exchange.woke_ms,
+        "client": client[0] if client else None,
+    }
+    access_log.info(
+        "%s %s %s %d %dB %.1fms",
+        fields["instance"],
+        fields["method"],
+        fields["path"],
+        fields["status"],
+        fields["bytes"],
+        fields["duration_ms"],
+        extra=fields,
+    )
+
+
 class HostRouter:
     """ASGI app for one protocol ("http" or "websocket")."""
 
@@ -58,6 +87,7 @@ class HostRouter:
         self.protocol = protocol
         self.domain = settings.TENEMENT_DOMAIN
         self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
+        self.access_log = settings.TENEMENT_ACCESS_LOG
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
@@ -101,8 +131,11 @@ class HostRouter:
             await exchange.run()
         finally:
             state.closed(route.key)
+            took = time.perf_counter() - began
             if self.observe is not None:
-                self.observe(route.key, exchange.status, time.perf_counter() - began)
+                self.observe(route.key, exchange.status, took)
+            if self.access_log:
+                log_access(exchange, scope, took)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

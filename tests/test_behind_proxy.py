@@ -91,7 +91,11 @@ class Front:
         self.root = root
         self.deployment = Deployment(root, CONFIG)
         self.deployment.env.update(
-            TENEMENT_TRUSTED_PROXIES="127.0.0.1", DJANGO_SUPERUSER_PASSWORD=PASSWORD
+            TENEMENT_TRUSTED_PROXIES="127.0.0.1",
+            DJANGO_SUPERUSER_PASSWORD=PASSWORD,
+            # The opt-in access log, as JSON: its client field is the real client's.
+            TENEMENT_ACCESS_LOG="1",
+            TENEMENT_LOG_FORMAT="json",
         )
         self.port = free_port()
         self.https_port = free_port()
@@ -181,6 +185,9 @@ class Front:
         )
         self.deployment.wait_for("nginx", lambda: listening(self.https_port), 30)
 
+    def supervisor_log(self) -> str:
+        return (self.root / "supervisor-0.log").read_text()
+
     def logs(self) -> str:
         """nginx's error log and the supervisor's, for assertion messages."""
         files = [self.root / "nginx-error.log", *self.root.glob("supervisor-*.log")]
@@ -247,6 +254,14 @@ def test_a_sleeping_tenant_is_woken_through_nginx(front: Front) -> None:
     assert json.loads(body)["instance"] == "bob"
     assert int(response.headers["X-Tenement-Wake"]) > 0
     d.wait_states({f"{SERVICE}:bob": "running"})
+    # The access log's line for it: the real client, the wake, the request id.
+    rid = response.headers["X-Request-ID"]
+    lines = [json.loads(x) for x in front.supervisor_log().splitlines() if rid in x]
+    [line] = [x for x in lines if x.get("event") == "access"]
+    assert line["instance"] == f"{SERVICE}:bob" and line["status"] == 200
+    assert line["client"] == "127.0.0.5" and line["wake_ms"] > 0
+    assert line["bytes"] == len(body) and line["duration_ms"] >= line["wake_ms"]
+    assert line["method"] == "GET" and line["path"] == "/whoami"
 
 
 def test_the_wake_hook_answers_when_ready_and_caddys_ask_knows_tenants(front: Front) -> None:
