@@ -275,3 +275,20 @@ def test_the_dashboard_offers_only_actions_that_apply_and_says_sleeping() -> Non
         "start",
         "deregister",
     ]
+
+
+def test_config_errors_are_worded_for_people_not_pydantic(tmp_path: Path) -> None:
+    from instances.config import ConfigError, load_config
+
+    path = tmp_path / "tenement.toml"
+    path.write_text(
+        '[service.web]\ncommand = "python3"\nisolation = "vm"\nalways_on = "alice"\n'
+        "stop_timeout = true\n[instances]\nweb = 'alice'\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, tmp_path)
+    text = str(caught.value)
+    assert 'service.web.isolation: must be one of "process", "namespace" or "sandbox"' in text
+    assert 'service.web.always_on: must be a list, e.g. ["a", "b"] (got "alice")' in text
+    assert "service.web.stop_timeout: must be a number (got true)" in text
+    assert "Input should" not in text
