@@ -14,7 +14,7 @@ from typing import Any
 
 from django.conf import settings
 
-from instances import metrics
+from instances import metrics, timeline
 from proxy import hooks
 from proxy import state as proxy_state
 from proxy.http import Exchange
@@ -88,6 +88,7 @@ class HostRouter:
         self.domain = settings.TENEMENT_DOMAIN
         self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
         self.access_log = settings.TENEMENT_ACCESS_LOG
+        self.timeline = timeline.current()  # the dashboard's charts
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
@@ -134,6 +135,7 @@ class HostRouter:
             took = time.perf_counter() - began
             if self.observe is not None:
                 self.observe(route.key, exchange.status, took)
+            self.timeline.request(route.key, took)
             if self.access_log:
                 log_access(exchange, scope, took)
 

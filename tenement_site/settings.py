@@ -110,6 +110,8 @@ TENEMENT_FD_RESERVE = env_positive("TENEMENT_FD_RESERVE", 128)
 TENEMENT_TRUSTED_PROXIES = parse_networks(
     os.environ.get("TENEMENT_TRUSTED_PROXIES", ""), "TENEMENT_TRUSTED_PROXIES"
 )
+# The dashboard's charts link here (a Grafana dashboard of tenement's metrics) if set.
+TENEMENT_GRAFANA_URL = os.environ.get("TENEMENT_GRAFANA_URL", "")
 # One structured log line per tenant request (logger tenement.access): off by default.
 TENEMENT_ACCESS_LOG = env_bool("TENEMENT_ACCESS_LOG", False)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).

@@ -75,6 +75,9 @@ class Dashboard(Deployment):
         self.port = free_port()
         self.url = f"http://localhost:{self.port}"
         self.env["DJANGO_SUPERUSER_PASSWORD"] = PASSWORD
+        # The charts' points once a second, so a test sees several within its time.
+        self.env["TENEMENT_CHARTS_STEP_SECONDS"] = "1"
+        self.env["TENEMENT_GRAFANA_URL"] = "https://grafana.example/d/tenement"
         self.start("--config", str(self.config), "--bind", f"127.0.0.1:{self.port}", http=True)
 
     def ready(self) -> None:

@@ -13,8 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import reverse
 
 from instances import operations as ops
 from instances.dashboard.access import nav_context, staff_page
@@ -23,6 +25,13 @@ from instances.ids import InvalidName
 from instances.models import Instance
 from instances.spec import ServiceSpec
 
+# (series in the charts' JSON, title, unit) of the instance page's charts.
+INSTANCE_CHARTS = (
+    ("requests", "Requests", "per step"),
+    ("p95_ms", "p95 latency", "ms"),
+    ("wake_ms", "Wake duration", "ms"),
+    ("rss_mb", "Memory (RSS)", "MiB"),
+)
 TAIL_LINES = 200
 EVENTS = 50
 # A data dir can hold millions of files: the page must not wait on walking them all.
@@ -68,6 +77,9 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         last_id=lines[-1].id if lines else 0,
         actions=[a for a in ACTIONS if a[0] in actions_for(instance.state)],
         state_label=state_label(instance.state),
+        instance_charts=INSTANCE_CHARTS,
+        charts_url=reverse("dashboard:charts-instance", args=[str(instance.key)]),
+        grafana_url=settings.TENEMENT_GRAFANA_URL,
     )
     return render(request, "dashboard/detail.html", context)
 

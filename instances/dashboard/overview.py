@@ -13,6 +13,7 @@ from itertools import groupby
 from typing import Any
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Page, Paginator
 from django.db.models import Count, QuerySet
@@ -43,6 +44,12 @@ STATES = [value for value, _ in Instance.State.choices]
 # (value, label) for the state filter: "sleeping" for stopped, as everywhere on the page.
 STATE_CHOICES = [(value, state_label(value)) for value in STATES]
 ROWS_TEMPLATE = "dashboard/_instance_rows.html"
+# (series in the charts' JSON, title, unit) of the overview's charts.
+OVERVIEW_CHARTS = (
+    ("req_per_s", "Requests", "req/s"),
+    ("wakes", "Wakes", "per step"),
+    ("running", "Instances running", "instances"),
+)
 
 
 @dataclass(frozen=True)
@@ -181,6 +188,9 @@ def overview(request: HttpRequest) -> HttpResponse:
         counts=counts(),
         services=Service.objects.values_list("name", flat=True),
         states=STATE_CHOICES,
+        overview_charts=OVERVIEW_CHARTS,
+        charts_url=reverse("dashboard:charts-overview"),
+        grafana_url=settings.TENEMENT_GRAFANA_URL,
         **rows_context(filters),
     )
     return render(request, "dashboard/overview.html", context)

@@ -18,6 +18,7 @@ from instances.supervisor import Supervisor
 from instances.supervisor.cgroups import release as release_cgroups
 from instances.supervisor.isolation import host, isolation_report, mask
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
+from instances.supervisor.sampling import sample_loop
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
 
@@ -94,6 +95,8 @@ class Command(BaseCommand):
         if options["config"]:
             self.load(options["config"])
         if not options["no_http"]:
+            # The dashboard's charts: this process serves both the proxy and the pages.
+            extra["tenement-timeline"] = sample_loop
             self.stdout.write(
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
