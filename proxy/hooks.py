@@ -4,8 +4,9 @@
   204 (with `X-Tenement-Wake: <ms>` when it had to start), 404 for no such tenant, 503
   with the reason and Retry-After when it failed or did not become ready in its
   `wake_timeout`, 400 for a malformed host. It also counts as activity, so a tenant that
-  nginx serves straight from its socket is not stopped for idleness. nginx calls it from
-  `auth_request`; anything that can make an HTTP request can.
+  nginx serves straight from its socket is not stopped for idleness. To a trusted proxy
+  (TENEMENT_TRUSTED_PROXIES) the 204 also says where the tenant listens
+  (`X-Tenement-Socket`), for `ten nginx --direct`'s `auth_request`.
 - `/_tenement/ask?domain=H`: Caddy's on-demand TLS `ask`: 200 when H is the control host
   or a registered tenant, else 404, so certificates are only issued for our own names.
 
@@ -18,7 +19,11 @@ import time
 from typing import Any
 from urllib.parse import parse_qs
 
+from django.conf import settings
+
 from proxy import state as proxy_state
+from proxy.forwarded import peer_of
+from proxy.limits import is_trusted
 from proxy.responses import plain
 from proxy.state import WakeRejected
 from routing.hosts import Control, MalformedHost, Tenant, resolve
@@ -49,14 +54,18 @@ async def wake(scope: dict[str, Any], send: Any, domain: str) -> None:
     # Served elsewhere (straight from the socket): still activity for the idle timer.
     state.touched.add(route.key)
     extra: list[tuple[bytes, bytes]] = []
-    if route.key not in state.running:
+    socket = state.running.get(route.key)
+    if socket is None:
         began = time.monotonic()
         try:
-            await state.wake(route.key, target.wake_timeout)
+            socket = await state.wake(route.key, target.wake_timeout)
         except WakeRejected as e:
             await plain(send, 503, str(e), retry_after=e.retry_after)
             return
         extra.append((b"x-tenement-wake", str(round((time.monotonic() - began) * 1000)).encode()))
+    if is_trusted(peer_of(scope), settings.TENEMENT_TRUSTED_PROXIES):
+        # For `ten nginx --direct`: where nginx connects (never told to anyone else).
+        extra.append((b"x-tenement-socket", socket.encode()))
     await empty(send, 204, extra)
 
 

@@ -17,6 +17,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,7 @@ from tests.harness import Deployment, free_port, listening
 NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DOMAIN = "example.test"
 SERVICE = "nginxed"
+DIRECT = "nginxdir"
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [service.{SERVICE}]
@@ -37,8 +39,16 @@ command = "{APP} --log-level warning"
 health = "/health"
 wake_timeout = 20
 
+# Served by `ten nginx --direct`: run as nginx's worker user, so nginx opens its sockets.
+[service.{DIRECT}]
+command = "{APP} --log-level warning"
+health = "/health"
+user = "nobody"
+idle_timeout = 3
+
 [instances]
 {SERVICE} = ["alice", "bob"]
+{DIRECT} = ["carol"]
 """
 PASSWORD = "correct horse battery staple"
 
@@ -100,11 +110,11 @@ class Front:
         self.port = free_port()
         self.https_port = free_port()
         self.cert, self.key = self.certificate()
-        self.nginx: subprocess.Popen[bytes] | None = None
+        self.nginxes: list[subprocess.Popen[bytes]] = []
 
     def certificate(self) -> tuple[Path, Path]:
         cert, key = self.root / "cert.pem", self.root / "key.pem"
-        names = f"DNS:{DOMAIN},DNS:*.{SERVICE}.{DOMAIN}"
+        names = f"DNS:{DOMAIN},DNS:*.{SERVICE}.{DOMAIN},DNS:*.{DIRECT}.{DOMAIN}"
         subprocess.run(
             [
                 *(
@@ -131,6 +141,7 @@ class Front:
         d.start("--config", str(d.config), "--domain", DOMAIN, "--bind", bind, http=True)
         d.wait_for("tenement listening", lambda: listening(self.port), 60)
         d.wait_states({f"{SERVICE}:alice": "running", f"{SERVICE}:bob": "running"}, 60)
+        d.wait_states({f"{DIRECT}:carol": "running"}, 60)
         created = subprocess.run(
             [
                 sys.executable,
@@ -152,11 +163,15 @@ class Front:
         self.start_nginx()
 
     def start_nginx(self) -> None:
+        self.run_nginx("nginx", self.https_port)
+
+    def run_nginx(self, name: str, port: int, *extra: str) -> None:
+        """nginx with the server block `ten nginx` prints, in its own folder."""
         ten = [sys.executable, "-m", "instances.cli", "nginx", "--domain", DOMAIN]
         server_block = subprocess.run(
             [
-                *(*ten, "--upstream", f"127.0.0.1:{self.port}"),
-                *("--listen", f"127.0.0.1:{self.https_port}", "--http-listen", ""),
+                *(*ten, "--upstream", f"127.0.0.1:{self.port}", *extra),
+                *("--listen", f"127.0.0.1:{port}", "--http-listen", ""),
                 *("--cert", str(self.cert), "--key", str(self.key)),
             ],
             capture_output=True,
@@ -165,42 +180,46 @@ class Front:
             cwd=REPO,
             timeout=30,
         ).stdout
-        (self.root / "tenement.conf").write_text(server_block)
-        temp = self.root / "nginx-temp"
+        folder = self.root / name
+        folder.mkdir()
+        (folder / "tenement.conf").write_text(server_block)
+        temp = folder / "temp"
         temp.mkdir(mode=0o777)
         temp.chmod(0o777)
-        (self.root / "nginx.conf").write_text(
-            f"worker_processes 1;\npid {self.root}/nginx.pid;\n"
-            f"error_log {self.root}/nginx-error.log info;\n"
+        # Workers run as nobody (nginx's built-in default when the master is root).
+        (folder / "nginx.conf").write_text(
+            f"worker_processes 1;\npid {folder}/nginx.pid;\n"
+            f"error_log {self.root}/{name}-error.log info;\n"
             "events { worker_connections 256; }\n"
             f"http {{\n  access_log off;\n  client_body_temp_path {temp}/body;\n"
-            f"  proxy_temp_path {temp}/proxy;\n  include {self.root}/tenement.conf;\n}}\n"
+            f"  proxy_temp_path {temp}/proxy;\n  include {folder}/tenement.conf;\n}}\n"
         )
-        conf = str(self.root / "nginx.conf")
+        conf = str(folder / "nginx.conf")
         subprocess.run([NGINX, "-t", "-c", conf], check=True, capture_output=True, timeout=30)
-        self.nginx = subprocess.Popen(
+        proc = subprocess.Popen(
             [NGINX, "-c", conf, "-g", "daemon off;"],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        self.deployment.wait_for("nginx", lambda: listening(self.https_port), 30)
+        self.nginxes.append(proc)
+        self.deployment.wait_for(name, lambda: listening(port), 30)
 
     def supervisor_log(self) -> str:
         return (self.root / "supervisor-0.log").read_text()
 
     def logs(self) -> str:
         """nginx's error log and the supervisor's, for assertion messages."""
-        files = [self.root / "nginx-error.log", *self.root.glob("supervisor-*.log")]
+        files = [*self.root.glob("*-error.log"), *self.root.glob("supervisor-*.log")]
         return "\n".join(p.read_text()[-3000:] for p in files if p.exists())
 
     def cleanup(self) -> None:
-        if self.nginx is not None:
-            self.nginx.terminate()
+        for nginx in self.nginxes:
+            nginx.terminate()
             try:
-                self.nginx.wait(10)
+                nginx.wait(10)
             except subprocess.TimeoutExpired:
-                self.nginx.kill()
-                self.nginx.wait()
+                nginx.kill()
+                nginx.wait()
         self.deployment.cleanup()
 
 
@@ -367,6 +386,54 @@ def test_the_control_host_answers_on_localhost_whatever_the_domain(front: Front)
         conn.close()
         assert response.status == 200, (host, body, front.logs())
         assert json.loads(body)["status"] == "ok"
+
+
+# ---- nginx --direct: tenants straight from their sockets, woken through tenement -------
+
+
+@pytest.fixture(scope="module")
+def direct(front: Front) -> int:
+    port = free_port()
+    front.run_nginx("nginx-direct", port, "--direct")
+    return port
+
+
+def test_direct_nginx_serves_from_the_socket_and_wakes_through_tenement(
+    front: Front, direct: int
+) -> None:
+    https = Https(direct, front.cert, "127.0.0.5")
+    d = front.deployment
+    assert d.manage("stop", f"{DIRECT}:carol").returncode == 0
+    response, body = https.request(f"carol.{DIRECT}.{DOMAIN}", "/headers")
+    assert response.status == 200, (body, front.logs())
+    seen = headers_seen(body)
+    # Straight from nginx: tenement's proxy (which adds X-Request-ID) was not in the path.
+    assert "x-request-id" not in seen and "x-request-id" not in response.headers
+    assert seen["x-forwarded-proto"] == ["https"] and seen["x-forwarded-for"] == ["127.0.0.5"]
+    d.wait_states({f"{DIRECT}:carol": "running"})
+    # Every request through nginx is activity: busy past idle_timeout (3 s), still awake.
+    began = time.monotonic()
+    while time.monotonic() - began < 5:
+        assert https.request(f"carol.{DIRECT}.{DOMAIN}", "/whoami")[0].status == 200
+        time.sleep(0.5)
+    assert d.rows()[f"{DIRECT}:carol"]["state"] == "running"
+    # No such tenant: tenement's own clear answer, through nginx.
+    response, body = https.request(f"zed.{DIRECT}.{DOMAIN}", "/")
+    assert response.status == 404 and b"no such tenant" in body
+
+
+def test_the_socket_is_told_to_trusted_proxies_only(front: Front) -> None:
+    query = "/_tenement/wake?host=" + f"carol.{DIRECT}.{DOMAIN}"
+    for source, told in (("127.0.0.1", True), ("127.0.0.9", False)):
+        conn = http.client.HTTPConnection(
+            "127.0.0.1", front.port, timeout=60, source_address=(source, 0)
+        )
+        conn.request("GET", query, headers={"Host": "localhost"})
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        assert response.status == 204
+        assert ("X-Tenement-Socket" in response.headers) is told, source
 
 
 # ---- Caddy (Debian bookworm's 2.6.2), from the Caddyfile `ten caddy` prints ---------------

@@ -66,6 +66,101 @@ server {{
 }}
 {redirect}"""
 
+# --direct: tenants' requests go from nginx straight to their sockets. Before each one,
+# auth_request asks tenement to wake the tenant if it sleeps (and counts it as activity,
+# so a busy tenant is not stopped for idleness); the answer says where it listens. Any
+# trouble (no such tenant, failed, the app gone since) is handed to tenement, whose
+# answer is the clear one (404, 503 with the reason) or the response itself.
+NGINX_DIRECT = """\
+# nginx in front of tenement, serving tenants straight from their sockets; printed by
+# `ten nginx --direct`. Put it in /etc/nginx/conf.d/tenement.conf, then
+# `nginx -t && systemctl reload nginx`. tenement must trust this proxy and know its domain:
+#   TENEMENT_TRUSTED_PROXIES={trusted}  TENEMENT_DOMAIN={domain}
+# nginx's workers must be able to open the tenants' sockets: run the services it serves
+# with `user = "<nginx's user>"` (e.g. www-data), since each tenant's socket folder
+# belongs to the tenant's uid (0700). The path /_tenement_wake is nginx's own.
+
+upstream tenement {{
+    server {upstream};
+    keepalive 32;
+}}
+
+map $http_upgrade $tenement_connection {{
+    default upgrade;
+    ''      '';
+}}
+
+# The control host (dashboard, API): through tenement.
+server {{
+    listen {listen} ssl;
+    server_name {domain};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    client_max_body_size 0;
+    proxy_request_buffering off;
+    proxy_buffering off;
+
+    location / {{
+        proxy_pass http://tenement;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $tenement_connection;
+        proxy_read_timeout 1h;
+    }}
+}}
+
+# Tenants: straight to the socket, woken through tenement first.
+server {{
+    listen {listen} ssl;
+    server_name *.{domain};
+    ssl_certificate {cert};
+    ssl_certificate_key {key};
+    client_max_body_size {max_body};
+    proxy_buffering off;
+
+    location / {{
+        auth_request /_tenement_wake;
+        auth_request_set $tenement_socket $upstream_http_x_tenement_socket;
+        proxy_pass http://unix:$tenement_socket:;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header X-Forwarded-Host $host;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $tenement_connection;
+        proxy_read_timeout {request_timeout};
+        # 500: the wake said no (404, 503); 502: the app went away since. tenement answers.
+        error_page 500 502 = @tenement;
+    }}
+
+    location = /_tenement_wake {{
+        internal;
+        proxy_pass http://tenement/_tenement/wake?host=$host;
+        proxy_http_version 1.1;
+        proxy_pass_request_body off;
+        proxy_set_header Content-Length "";
+        proxy_set_header Connection "";
+        proxy_set_header Host localhost;
+        proxy_read_timeout 1h;  # a wake holds until ready or its wake_timeout
+    }}
+
+    location @tenement {{
+        proxy_pass http://tenement;
+        proxy_http_version 1.1;
+        proxy_set_header Host $http_host;
+        proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+        proxy_set_header X-Forwarded-Proto $scheme;
+        proxy_set_header Upgrade $http_upgrade;
+        proxy_set_header Connection $tenement_connection;
+        proxy_read_timeout 1h;
+    }}
+}}
+{redirect}"""
+
 NGINX_REDIRECT = """
 server {{
     listen {http_listen};
@@ -114,8 +209,11 @@ def nginx(args: argparse.Namespace) -> int:
     redirect = ""
     if args.http_listen:
         redirect = NGINX_REDIRECT.format(http_listen=args.http_listen, domain=domain)
+    template = NGINX_DIRECT if args.direct else NGINX
     print(
-        NGINX.format(
+        template.format(
+            max_body=args.max_body,
+            request_timeout=args.request_timeout,
             domain=domain,
             upstream=args.upstream,
             trusted=trusted_of(args.upstream),
@@ -185,6 +283,18 @@ def add(verbs: Verbs) -> None:
         if name == "nginx":
             parser.add_argument("--cert", metavar="FILE", help="TLS certificate chain (PEM)")
             parser.add_argument("--key", metavar="FILE", help="its private key (PEM)")
+            parser.add_argument(
+                "--direct",
+                action="store_true",
+                help="serve tenants straight from their sockets, woken through tenement "
+                "(their services need `user` set to nginx's user)",
+            )
+            parser.add_argument(
+                "--max-body", default="100m", help="--direct: client_max_body_size (100m)"
+            )
+            parser.add_argument(
+                "--request-timeout", default="30s", help="--direct: proxy_read_timeout (30s)"
+            )
             parser.add_argument(
                 "--http-listen",
                 default="80",
