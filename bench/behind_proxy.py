@@ -23,7 +23,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +120,7 @@ def run(root: Path, args: argparse.Namespace) -> None:
         f'[service.app]\ncommand = "{app}"\nhealth = "/health"\nisolation = "process"\n'
         'user = "nobody"\nidle_timeout = 3600\n\n[instances]\napp = ["alice"]\n'
     )
+    config.chmod(0o600)  # isolation = process: tenants must not read it
     port = free_port()
     cmd = [*MANAGE, "runsupervisor", "--bind", f"127.0.0.1:{port}", "--domain", DOMAIN]
     cmd += ["--data-dir", str(root / "data"), "--config", str(config)]
@@ -132,7 +132,16 @@ def run(root: Path, args: argparse.Namespace) -> None:
         nginx(root, "direct", port, tls, "--direct") as direct,
     ):
         wait_for("tenement", lambda: listening(port), 120)
-        time.sleep(2)  # the tenant's first start
+        probe = subprocess.run(
+            ["curl", "-s", "-i", "-H", f"Host: {TENANT}", f"http://127.0.0.1:{port}/"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if " 200 " not in probe.stdout.split("\n", 1)[0]:
+            ours_log = (root / "ours.log").read_text()[-3000:]
+            log(f"the tenant does not answer 200:\n{probe.stdout}\n{ours_log}")
+            raise SystemExit(1)
         peers = {
             "ours": f"http://127.0.0.1:{port}/",
             "via-nginx": f"https://127.0.0.1:{via}/",
