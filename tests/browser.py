@@ -19,7 +19,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    Playwright,
+    sync_playwright,
+)
 
 from tests.conftest import REPO, TENANT_PYTHON
 from tests.harness import Deployment, free_port, http_request
@@ -198,12 +205,16 @@ def logged_in_context(browser: Browser, base: str, **options: object) -> Browser
     return context
 
 
-def screenshot(page: Page, name: str) -> None:
-    """A full-page PNG into $TENEMENT_SCREENSHOTS (unset: no screenshots)."""
+def screenshot(page: Page | Locator, name: str) -> None:
+    """A PNG of the full page (or of one element) into $TENEMENT_SCREENSHOTS (unset: none)."""
     folder = os.environ.get("TENEMENT_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+        path = str(Path(folder) / f"{name}.png")
+        if isinstance(page, Locator):
+            page.screenshot(path=path)
+        else:
+            page.screenshot(path=path, full_page=True)
 
 
 def mark_document(page: Page) -> None:

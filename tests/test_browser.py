@@ -354,6 +354,7 @@ def test_charts_of_the_last_hour(page: Page, dash: Dashboard) -> None:
     chart_ready(page, ["req_per_s"], "d.some(v => v > 0)")
     chart_ready(page, ["wakes"], "d.length > 0")
     assert page.locator("#charts canvas").count() == 3
+    screenshot(page.locator("#charts"), "charts-overview")
     expect(page.locator("#grafana-link")).to_have_attribute(
         "href", "https://grafana.example/d/tenement"
     )
@@ -362,6 +363,7 @@ def test_charts_of_the_last_hour(page: Page, dash: Dashboard) -> None:
     chart_ready(page, ["rss_mb"], "d.some(v => v > 1)")
     chart_ready(page, ["p95_ms", "wake_ms"], "d.length > 0")
     assert page.locator("#charts canvas").count() == 4
+    screenshot(page.locator("#charts"), "charts-detail")
     script = page.locator('script[src*="uPlot"]').get_attribute("src")
     assert script is not None and script.startswith("/static/")  # no CDN
 

@@ -7,6 +7,7 @@
   const status = document.getElementById("charts-status");
   const figures = [...section.querySelectorAll("figure.chart")];
   const charts = {};
+  const SPARSE = new Set(["p95_ms", "wake_ms", "wakes"]);
   window.tenementCharts = charts; // read by the browser tests
 
   function make(figure, data) {
@@ -19,8 +20,11 @@
       cursor: { drag: { x: false, y: false } },
       scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max || 0, 1)] } },
       axes: [{ space: 60 }, { size: 44 }],
+      // Sparse series (a wake, a step's p95) are single points between gaps: dots, or
+      // they would not show at all.
       series: [{}, { label: series, stroke: "#2563eb", fill: "rgba(37, 99, 235, 0.12)",
-                     width: 1.5, spanGaps: false, points: { show: false } }],
+                     width: 1.5, spanGaps: false,
+                     points: { show: SPARSE.has(series), size: 5, fill: "#2563eb" } }],
     };
     charts[series] = new uPlot(opts, data, holder);
   }
