@@ -24,6 +24,8 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from tests.conftest import REPO, TENANT_UVICORN
 from tests.harness import Deployment, free_port, listening
@@ -328,6 +330,27 @@ def test_dashboard_login_over_https_passes_csrf(front: Front) -> None:
     assert "sessionid" in https.cookies
     response, page = https.request(DOMAIN, "/")
     assert response.status == 200 and b"alice" in page
+    # The overview's live WebSocket over wss, through nginx: same origin as https.
+    update = live_update(front, https.cookies, origin)
+    assert "counts" in update and "html" in update
+    # A tenant's page cannot open it with the operator's cookie.
+    with pytest.raises(InvalidStatus):
+        live_update(front, https.cookies, f"https://{tenant('alice')}:{front.https_port}")
+
+
+def live_update(front: Front, cookies: dict[str, str], origin: str) -> dict[str, Any]:
+    context = ssl.create_default_context(cafile=str(front.cert))
+    raw = socket.create_connection(("127.0.0.1", front.https_port), 30, ("127.0.0.5", 0))
+    with connect(
+        f"wss://{DOMAIN}:{front.https_port}/ws/overview/",
+        sock=raw,
+        ssl=context,
+        server_hostname=DOMAIN,
+        origin=origin,  # type: ignore[arg-type]
+        additional_headers={"Cookie": "; ".join(f"{k}={v}" for k, v in cookies.items())},
+        open_timeout=30,
+    ) as ws:
+        return json.loads(ws.recv(timeout=30))
 
 
 def test_a_forged_forwarded_header_from_a_direct_client_is_replaced(front: Front) -> None:
