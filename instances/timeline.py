@@ -2,7 +2,8 @@
 the dashboard's charts: no extra service, no database writes.
 
 The proxy adds each request (and its duration) and each wake to the current step's
-counters; every `step` seconds the supervisor closes the step (`roll`), adding how many
+counters (bounded: a sample of at most SAMPLE_CAP durations per instance, the longest
+wake); every `step` seconds the supervisor closes the step (`roll`), adding how many
 instances run and each one's RSS. Each series is a fixed ring of float32 values (NaN for
 "no data"), so memory is bounded: about 6 KiB per instance that had anything to show in
 the last hour, forgotten an hour after its last point. Only the process that serves the
@@ -65,7 +66,7 @@ class Pending:
     requests: int = 0
     seen: int = 0  # durations offered to the sample
     durations: list[float] = field(default_factory=list)
-    wakes: list[float] = field(default_factory=list)
+    longest_wake: float | None = None  # seconds; only the longest is drawn
 
     def add(self, seconds: float) -> None:
         self.requests += 1
@@ -111,7 +112,7 @@ class Timeline:
         pending = self.pending.get(key)
         if pending is None:
             pending = self.pending[key] = Pending()
-        pending.wakes.append(seconds)
+        pending.longest_wake = max(pending.longest_wake or 0.0, seconds)
         self.pending_wakes += 1
 
     # ---- the supervisor's side (once a step) -----------------------------------------
@@ -145,8 +146,8 @@ class Timeline:
         rings = history.rings
         rings["requests"].put(self.head, pending.requests if pending else 0)
         rings["p95_ms"].put(self.head, p95_ms(pending.durations) if pending else None)
-        wake = max(pending.wakes) * 1000 if pending and pending.wakes else None
-        rings["wake_ms"].put(self.head, wake)
+        wake = pending.longest_wake if pending else None
+        rings["wake_ms"].put(self.head, wake * 1000 if wake is not None else None)
         rings["rss_mb"].put(self.head, rss / 2**20 if rss is not None else None)
 
     # ---- the dashboard's side ----------------------------------------------------------
