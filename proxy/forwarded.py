@@ -72,9 +72,14 @@ def resolve(scope: dict[str, Any], networks: tuple[Network, ...]) -> dict[str, A
     resolved = {**scope, PEER: client}
     if (address := real_client(joined(headers, b"x-forwarded-for"), networks)) is not None:
         resolved["client"] = (address, 0)
-    scheme = SCHEMES[scope["type"]].get(last_value(headers, b"x-forwarded-proto"))
+    proto = last_value(headers, b"x-forwarded-proto")
+    scheme = SCHEMES[scope["type"]].get(proto)
     if scheme is not None:
         resolved["scheme"] = scheme
+        # One value, the one taken here: Django's SECURE_PROXY_SSL_HEADER reads the first
+        # of a list, and must not disagree with the scope.
+        rest = [(n, v) for n, v in headers if n != b"x-forwarded-proto"]
+        resolved["headers"] = [*rest, (b"x-forwarded-proto", proto.encode())]
     return resolved
 
 
