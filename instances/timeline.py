@@ -13,7 +13,6 @@ proxy and runs the supervisor (the embedded `runsupervisor`) has the data.
 from __future__ import annotations
 
 import math
-import os
 import random
 import time
 from array import array
@@ -21,21 +20,9 @@ from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.core.exceptions import ImproperlyConfigured
-
 WINDOW_S = 3600
 # Durations kept per instance and step for the p95 (a uniform sample beyond this).
 SAMPLE_CAP = 1000
-
-
-def step_seconds() -> int:
-    """TENEMENT_CHARTS_STEP_SECONDS: one point per this many seconds (default 10)."""
-    value = os.environ.get("TENEMENT_CHARTS_STEP_SECONDS") or "10"
-    if not value.isdigit() or not 1 <= int(value) <= 300:
-        raise ImproperlyConfigured(
-            f"TENEMENT_CHARTS_STEP_SECONDS: {value!r} is not a whole number of seconds, 1-300"
-        )
-    return int(value)
 
 
 class Ring:
@@ -192,5 +179,7 @@ def current() -> Timeline:
     """This process's timeline (made on first use, with the configured step)."""
     global _timeline
     if _timeline is None:
-        _timeline = Timeline(step_seconds())
+        from django.conf import settings
+
+        _timeline = Timeline(settings.TENEMENT_CHARTS_STEP_SECONDS)
     return _timeline

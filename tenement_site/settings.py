@@ -112,6 +112,18 @@ TENEMENT_TRUSTED_PROXIES = parse_networks(
 )
 # The dashboard's charts link here (a Grafana dashboard of tenement's metrics) if set.
 TENEMENT_GRAFANA_URL = os.environ.get("TENEMENT_GRAFANA_URL", "")
+if TENEMENT_GRAFANA_URL and not TENEMENT_GRAFANA_URL.startswith(("https://", "http://")):
+    raise ImproperlyConfigured(
+        f"TENEMENT_GRAFANA_URL: {TENEMENT_GRAFANA_URL!r} is not an http(s):// address"
+    )
+# The dashboard's charts: one point per this many seconds, the last hour kept in memory.
+_charts_step = os.environ.get("TENEMENT_CHARTS_STEP_SECONDS") or "10"
+if not _charts_step.isdigit() or not 1 <= int(_charts_step) <= 300:
+    raise ImproperlyConfigured(
+        f"TENEMENT_CHARTS_STEP_SECONDS: {_charts_step!r} is not a whole number of seconds "
+        "from 1 to 300"
+    )
+TENEMENT_CHARTS_STEP_SECONDS = int(_charts_step)
 # One structured log line per tenant request (logger tenement.access): off by default.
 TENEMENT_ACCESS_LOG = env_bool("TENEMENT_ACCESS_LOG", False)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).

@@ -81,6 +81,8 @@ def test_trusted_proxies_parse_and_refuse_naming_the_variable() -> None:
         ("TENEMENT_BODY_TIMEOUT", "nan"),
         ("TENEMENT_MAX_CONNECTIONS", "lots"),
         ("TENEMENT_TRUSTED_PROXIES", "10.0.0.0/33"),
+        ("TENEMENT_GRAFANA_URL", "javascript:alert(1)"),
+        ("TENEMENT_CHARTS_STEP_SECONDS", "0"),
     ],
 )
 def test_a_bad_edge_setting_stops_start_up_naming_it(name: str, value: str, tmp_path: Path) -> None:
