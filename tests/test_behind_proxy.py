@@ -305,17 +305,17 @@ def test_the_wake_hook_answers_when_ready_and_caddys_ask_knows_tenants(front: Fr
         assert response.status == status, host
 
 
-def test_dashboard_login_over_https_passes_csrf(front: Front) -> None:
-    https = client(front)
+def log_in(front: Front, https: Https, username: str, password: str) -> int:
+    """The dashboard's login form over https, as a browser posts it (CSRF token, Origin)."""
     response, page = https.request(DOMAIN, "/accounts/login/")
     assert response.status == 200
     token = re.search(rb'name="csrfmiddlewaretoken" value="([^"]+)"', page)
     assert token, page[:500]
     origin = f"https://{DOMAIN}:{front.https_port}"
     form = urlencode(
-        {"username": "op", "password": PASSWORD, "csrfmiddlewaretoken": token[1].decode()}
+        {"username": username, "password": password, "csrfmiddlewaretoken": token[1].decode()}
     ).encode()
-    response, body = https.request(
+    response, _ = https.request(
         DOMAIN,
         "/accounts/login/",
         "POST",
@@ -326,7 +326,23 @@ def test_dashboard_login_over_https_passes_csrf(front: Front) -> None:
             "Referer": origin + "/accounts/login/",
         },
     )
-    assert response.status == 302, body[:500]
+    return response.status
+
+
+def test_login_throttling_counts_the_real_client(front: Front) -> None:
+    """django-axes locks the guessing address only, not every client behind nginx."""
+    guesser = client(front, "127.0.0.11")
+    # TENEMENT_LOGIN_FAILURE_LIMIT (5) failures, each for another account: the fifth locks.
+    codes = [log_in(front, guesser, f"guess{i}", "wrong") for i in range(5)]
+    assert codes == [200, 200, 200, 200, 429]
+    assert log_in(front, guesser, "op", PASSWORD) == 429
+    assert log_in(front, client(front, "127.0.0.12"), "op", PASSWORD) == 302
+
+
+def test_dashboard_login_over_https_passes_csrf(front: Front) -> None:
+    https = client(front)
+    origin = f"https://{DOMAIN}:{front.https_port}"
+    assert log_in(front, https, "op", PASSWORD) == 302
     assert "sessionid" in https.cookies
     response, page = https.request(DOMAIN, "/")
     assert response.status == 200 and b"alice" in page
