@@ -107,6 +107,22 @@ class Metrics:
         self.log_lines = Counter(
             "tenement_log_lines_total", "Lines captured from apps' output.", [*who, "stream"]
         )
+        self.release_requests = Counter(
+            "tenement_release_requests_total",
+            "Requests proxied, by the release that served them (on a weighted service "
+            "host, the instance id: upstream's versions).",
+            ["service", "release"],
+        )
+        self.release_changes = Counter(
+            "tenement_release_changes_total",
+            "Changes to releases, weights and pins (each is also an audit record).",
+            ["service", "kind"],
+        )
+        self.release_fallbacks = Counter(
+            "tenement_release_fallbacks_total",
+            "Starts on a release that failed and fell back to the tenant's last healthy one.",
+            ["service", "release"],
+        )
 
     def labels_of(self, key: InstanceKey) -> tuple[str, ...]:
         return tuple(key) if self.per_instance else (key.service,)
@@ -210,6 +226,37 @@ def health_check_failed(key: InstanceKey) -> None:
 def idle_stopped(key: InstanceKey) -> None:
     if (metrics := current()) is not None:
         metrics.idle_stops.labels(*metrics.labels_of(key)).inc()
+
+
+def release_fallback(service: str, release: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.release_fallbacks.labels(service, release).inc()
+
+
+def release_changed(service: str, kind: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.release_changes.labels(service, kind).inc()
+
+
+class ReleaseRequests:
+    """Counts requests per (service, release); children bound on first use."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.bound: dict[tuple[str, str], Any] = {}
+
+    def observe(self, service: str, release: str) -> None:
+        child = self.bound.get((service, release))
+        if child is None:
+            child = self.bound[(service, release)] = self.metrics.release_requests.labels(
+                service, release
+            )
+        child.inc()
+
+
+def release_request_recorder() -> Callable[[str, str], None] | None:
+    metrics = current()
+    return ReleaseRequests(metrics).observe if metrics is not None else None
 
 
 def _nothing() -> None:

@@ -15,11 +15,14 @@ from typing import Any
 from django.conf import settings
 
 from instances import metrics
+from instances.ids import InstanceKey
 from proxy import state as proxy_state
 from proxy.http import Exchange
 from proxy.responses import plain
 from proxy.websocket import Tunnel
-from routing.hosts import Control, MalformedHost, Route, Tenant, resolve
+from proxy.weighted import choose, sticky_send
+from routing.hosts import Control, MalformedHost, Route, Tenant, Weighted, resolve
+from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
 
@@ -57,6 +60,7 @@ class HostRouter:
         self.protocol = protocol
         self.domain = settings.TENEMENT_DOMAIN
         self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
+        self.observe_release = metrics.release_request_recorder()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
@@ -68,6 +72,8 @@ class HostRouter:
             await self.control(scope, receive, send)
         elif isinstance(route, Tenant):
             await self.tenant(route, host, scope, receive, send)
+        elif isinstance(route, Weighted):
+            await self.weighted(route, host, scope, receive, send)
         elif isinstance(route, Malformed):
             await self.refuse(send, 400, "malformed Host header")
         else:
@@ -82,20 +88,60 @@ class HostRouter:
             what = "tenant" if route.key.service in state.table.services else "service"
             await self.refuse(send, 404, f"no such {what}: {route.key}")
             return
+        release = state.release_of.get(route.key, "")
+        await self.forward(state, target, release, host, scope, receive, send)
+
+    async def weighted(
+        self, route: Weighted, host: bytes, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        """`{service}.{domain}`: one instance by weight (0 never, failed skipped); the
+        chosen one is woken like any tenant. An optional cookie keeps a browser on it."""
+        state = await proxy_state.current()
+        if route.service not in state.table.services:
+            await self.refuse(send, 404, f"no such service: {route.service}")
+            return
+        chosen, set_cookie = choose(state, route.service, scope)
+        if chosen is None:
+            await self.refuse(
+                send, 503, f"no instance of {route.service} takes traffic (weight 0 or failed)"
+            )
+            return
+        key = InstanceKey(route.service, chosen)
+        target = state.table.lookup(key)
+        if target is None:  # the snapshot lists only registered instances; a race at most
+            await self.refuse(send, 503, f"{key} was just removed; try again")
+            return
+        if set_cookie is not None:
+            send = sticky_send(send, set_cookie)
+        await self.forward(state, target, chosen, host, scope, receive, send)
+
+    async def forward(
+        self,
+        state: proxy_state.ProxyState,
+        target: Target,
+        release: str,
+        host: bytes,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+    ) -> None:
+        key = target.key
+        if self.observe_release is not None and release:
+            self.observe_release(key.service, release)
         if self.protocol == "websocket":
             await Tunnel(state, target, scope, receive, send, host).run()
             return
         # A request in flight is an open connection: a long poll or a download keeps the
         # instance awake until it ends.
-        state.opened(route.key)
+        state.opened(key)
         began = time.perf_counter()
         exchange = Exchange(state, target, scope, receive, send, host)
         try:
             await exchange.run()
         finally:
-            state.closed(route.key)
+            state.closed(key)
             if self.observe is not None:
-                self.observe(route.key, exchange.status, time.perf_counter() - began)
+                self.observe(key, exchange.status, time.perf_counter() - began)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

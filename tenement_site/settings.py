@@ -6,6 +6,7 @@ See the README's "Configuration" section for every variable.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -73,6 +74,14 @@ TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 # instance are held while it wakes (more get 503 with Retry-After).
 TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
+# Weighted service hosts ({service}.{domain}): a cookie of this name keeps a browser on the
+# instance it was first sent to (while that one keeps a weight); empty = per request.
+TENEMENT_STICKY_COOKIE = os.environ.get("TENEMENT_STICKY_COOKIE", "").strip()
+if TENEMENT_STICKY_COOKIE and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", TENEMENT_STICKY_COOKIE):
+    raise ImproperlyConfigured(
+        f"TENEMENT_STICKY_COOKIE={TENEMENT_STICKY_COOKIE!r}: a cookie name is 1 to 64 "
+        "letters, digits, '_', '.' or '-'"
+    )
 # On SIGTERM, in-flight requests get this many seconds to finish before they are cut
 # (a second signal cuts at once); then every instance is stopped.
 TENEMENT_DRAIN_TIMEOUT = env_seconds("TENEMENT_DRAIN_TIMEOUT", 10.0, maximum=3600)

@@ -19,6 +19,9 @@ urlpatterns = [
     path("logs/", logs.LogSearchView.as_view()),
     path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),
     path("logs/stream/", logs.LogStreamView.as_view()),
+    # Releases and weights (upstream's weight/deploy/route too), before the router's
+    # instance routes so that /instances/{key}/weight is ours.
+    path("", include("routing.api")),
     path("", include(router.urls)),
     # Anything else under /api/ is a JSON 404, not Django's HTML page.
     re_path(r"", views.not_found),

@@ -37,9 +37,11 @@ from instances.supervisor.logs import LogCollector
 from instances.supervisor.monitor import Monitor
 from instances.supervisor.persist import DbThread, Outbox
 from instances.supervisor.recovery import PidFiles, Recovery
+from instances.supervisor.releases import Releases
 from instances.supervisor.runtime import Runtime, State
 from instances.supervisor.signals import stop_on_signals
 from instances.supervisor.wake import InstanceRefused, InstanceUnavailable, Waker
+from routing.releases import ReleaseInfo
 
 log = logging.getLogger("tenement.supervisor")
 
@@ -63,7 +65,7 @@ def running_here() -> Supervisor | None:
     return _running.get(asyncio.get_running_loop())
 
 
-class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
+class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery, Releases):
     def __init__(
         self,
         *,
@@ -79,6 +81,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         self.drain_tasks = drain_tasks
         self.runtimes: dict[InstanceKey, Runtime] = {}
         self.by_pk: dict[int, Runtime] = {}
+        # service -> its releases, oldest first (routing/releases.py)
+        self.releases: dict[str, tuple[ReleaseInfo, ...]] = {}
         self.settings = SupervisorSettings()
         self.reader = DbThread("tenement-db-read")
         self.outbox = Outbox()
@@ -281,7 +285,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
 
         Nothing here awaits: writes go to the outbox, reads to the desired-state loop."""
         now = self.clock()
-        did = self.reconcile()
+        did = self.move_releases()
+        did |= self.reconcile()
         did |= self.bridge.prune()
         did |= self.reap_idle()
         if now >= self._next_activity_flush:

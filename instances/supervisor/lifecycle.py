@@ -80,8 +80,10 @@ class Lifecycle:
         """Begin a start attempt; the task owns the process until it exits."""
         rt.stopping = rt.failure = None
         rt.restart_pending = False
-        # A config change applies from the next start; this process keeps its own spec.
-        rt.proc_spec = rt.spec
+        # A config change applies from the next start; this process keeps its own spec,
+        # with the overrides of the release the tenant runs now.
+        rt.release = self.target_release(rt)
+        rt.proc_spec = self.release_spec(rt, rt.release)
         rt.task = asyncio.create_task(self.lifecycle(rt), name=f"instance {rt.key}")
         return rt.task
 
@@ -211,6 +213,7 @@ class Lifecycle:
         rt.next_health = self.clock() + self.settings.health_check_interval
         took = (self.clock() - rt.started_at) * 1000
         rt.ready.set()
+        self.healthy_on_release(rt)
         self.bridge.ready(rt)
         self.set_state(
             rt,
@@ -259,6 +262,8 @@ class Lifecycle:
     def handle_failure(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
         rt.failure = reason
+        if self.fall_back(rt, reason):
+            return
         fields.update(pid=None, pid_create_time=None, last_error=reason)
         if fds.pressure.recent():
             self.defer_restart(rt, reason, **fields)
@@ -326,7 +331,8 @@ class Lifecycle:
         rt.stopping = reason
         rt.ready.clear()
         # Before the SIGTERM, so proxies close WebSockets cleanly rather than see a reset.
-        self.bridge.down(rt, code=RESTARTING if reason == "restart" else GOING_AWAY)
+        code = RESTARTING if reason in ("restart", "release") else GOING_AWAY
+        self.bridge.down(rt, code=code)
         if rt.task is None or rt.task.done():
             if rt.state == State.BACKOFF:
                 self.set_state(rt, State.STOPPED, "stopped", reason)
