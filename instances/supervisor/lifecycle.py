@@ -41,6 +41,7 @@ LEGAL: dict[str, frozenset[str]] = {
 }
 
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
+PROXY_DRAIN_GRACE = 0.25  # seconds between "down" to the proxies and SIGTERM, on a move
 MAX_HEALTH_TIMEOUT = 5.0
 UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
 OOM = "oom: "  # how an out-of-memory kill's reason starts
@@ -347,6 +348,11 @@ class Lifecycle:
         if proc is not None and proc.returncode is None:
             if rt.state in (State.STARTING, State.RUNNING):
                 self.set_state(rt, State.STOPPING, "stopping", f"stopping ({reason})")
+            if reason == "release" and rt.state == State.STOPPING:
+                # A move under load: let every proxy hear "down" and stop handing out
+                # this socket before the app stops accepting (requests then wait for
+                # the new release instead of meeting a closing connection).
+                await self.wait_for_wakeup(PROXY_DRAIN_GRACE, wake=False)
             await process.terminate(proc, rt.run_spec.stop_timeout)
         if rt.task is not None:
             await rt.task
