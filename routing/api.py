@@ -239,7 +239,7 @@ class PreviewView(APIView):
 
 
 class ChangesView(APIView):
-    @extend_schema(responses=dict)
+    @extend_schema(responses={200: {"type": "array", "items": {"type": "object"}}})
     def get(self, request: Request) -> Response:
         limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
         rows = ReleaseChange.objects.all()

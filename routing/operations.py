@@ -90,11 +90,18 @@ def announce() -> None:
 
 
 async def _announce() -> None:
+    from instances.supervisor.core import running_here
     from proxy import state as proxy_state
     from routing import table
 
     layer = get_channel_layer()
-    await layer.send(SUPERVISOR_CHANNEL, {"type": "sync"})
+    supervisor = running_here()
+    if supervisor is not None:
+        # Embedded mode: the supervisor has the change before the API answers, so the
+        # next wake starts the tenant on its new release.
+        await supervisor.sync_now()
+    else:
+        await layer.send(SUPERVISOR_CHANNEL, {"type": "sync"})
     await layer.group_send(PROXY_GROUP, {"type": "routes.changed"})
     # The proxy in this process (embedded mode) takes the new table before we answer.
     local = proxy_state.existing()

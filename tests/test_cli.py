@@ -357,9 +357,10 @@ def test_config_check_knows_the_servers_keys() -> None:
     assert set(configcheck.SERVICE) == set(ServiceTable.model_fields)
 
 
-@pytest.mark.parametrize("verb", ["weight", "deploy", "route"])
-def test_release_verbs_are_not_available_yet(verb: str) -> None:
-    assert_fails(ten(verb, "app:v2", "50", server=NO_SERVER), 3, "not available yet")
+def test_release_verbs_check_their_arguments_before_any_request() -> None:
+    assert_fails(ten("weight", "app:v2", "150", server=NO_SERVER), 2)
+    assert_fails(ten("route", "app", "--from", "v1", server=NO_SERVER), 2)
+    assert_fails(ten("release", "create", "app", "Bad_Name", server=NO_SERVER), 2)
 
 
 def test_help_on_every_verb_and_exit_codes_documented() -> None:
@@ -379,6 +380,10 @@ def test_help_on_every_verb_and_exit_codes_documented() -> None:
         ["token", "revoke"],
         ["config", "check"],
         ["weight"],
+        ["deploy"],
+        ["route"],
+        ["release", "create"],
+        ["release", "pin"],
     ]:
         result = ten(*verb, "--help", server=NO_SERVER)
         assert result.returncode == 0 and "--server" in result.stdout, verb

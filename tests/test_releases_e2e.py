@@ -349,6 +349,52 @@ def test_a_release_that_never_gets_healthy_falls_back_with_no_client_error(
     server.api("PUT", "/api/instances/web:fb/release", {"release": ""})
 
 
+# ---- our `ten` -------------------------------------------------------------------------------
+
+
+def test_our_ten_release_verbs_with_smoke_tests(server: Server) -> None:
+    from tests.test_cli import ten
+
+    def ok(*args: str) -> str:
+        result = ten(*args, server=f"http://127.0.0.1:{server.port}", token=server.token)
+        assert result.returncode == 0, (args, result.stdout, result.stderr)
+        return result.stdout
+
+    server.register("web", ["c0", "c1"])
+    server.wait_states({"web:c0": "running", "web:c1": "running"}, timeout=60)
+    out = ok("release", "create", "web", "v3", "--env", "RELEASE=v3", "--smoke", "c0")
+    assert "v3" in out and "active" in out
+    assert server.rows()["web:c0"]["release"] == ""  # the smoke pin is taken back
+    # A release whose smoke test fails is failed, with weight 0, and nobody moves onto it.
+    result = ten(
+        "release",
+        "create",
+        "web",
+        "v4",
+        "--health",
+        "/nope",
+        "--smoke",
+        "c1",
+        "--weight",
+        "50",
+        server=f"http://127.0.0.1:{server.port}",
+        token=server.token,
+    )
+    assert result.returncode == 7, (result.stdout, result.stderr)
+    assert "smoke test of v4 on web:c1 failed" in result.stderr
+    state = server.query("SELECT state, weight FROM instances_release WHERE name = 'v4'")
+    assert state == [("failed", 0)]
+    assert server.get("c1.web.localhost")[0] == 200
+    ok("release", "pin", "web:c1", "v3")
+    server.wait_for("c1 on v3", lambda: server.rows()["web:c1"]["last_release"] == "v3")
+    assert "unpinned" in ok("release", "pin", "web:c1")
+    listing = json.loads(ok("release", "list", "web", "--json"))
+    assert {r["name"]: r["state"] for r in listing["releases"]}["v4"] == "failed"
+    changes = ok("release", "changes", "web")
+    assert "failed" in changes and "token:ops" in changes
+    assert "Set web:c0 weight to 50" in ok("weight", "web:c0", "50")
+
+
 # ---- blue-green under load ------------------------------------------------------------------
 
 
@@ -470,7 +516,7 @@ def test_tenant_release_is_stable_across_idle_stops_and_supervisor_restarts(
 
 def check_stable_across_restarts(server: Server) -> None:
     tenants = [f"s{i}" for i in range(8)]
-    server.register("sleepy", tenants)
+    server.register("sleepy", tenants, start=False)
     status, body = server.api(
         "POST",
         "/api/services/sleepy/releases",
