@@ -109,9 +109,9 @@ class Metrics:
         )
         self.release_requests = Counter(
             "tenement_release_requests_total",
-            "Requests proxied, by the release that served them (on a weighted service "
-            "host, the instance id: upstream's versions).",
-            ["service", "release"],
+            "HTTP requests proxied, by the release that served them (on a weighted service "
+            "host, the instance id: upstream's versions) and response code class.",
+            ["service", "release", "code"],
         )
         self.release_changes = Counter(
             "tenement_release_changes_total",
@@ -239,22 +239,40 @@ def release_changed(service: str, kind: str) -> None:
 
 
 class ReleaseRequests:
-    """Counts requests per (service, release); children bound on first use."""
+    """Counts requests per (service, release, code class); children bound on first use."""
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.bound: dict[tuple[str, str], Any] = {}
+        self.bound: dict[tuple[str, str, int], Any] = {}
 
-    def observe(self, service: str, release: str) -> None:
-        child = self.bound.get((service, release))
+    def observe(self, service: str, release: str, status: int) -> None:
+        index = status // 100 if 100 <= status < 600 else 0
+        child = self.bound.get((service, release, index))
         if child is None:
-            child = self.bound[(service, release)] = self.metrics.release_requests.labels(
-                service, release
+            child = self.bound[(service, release, index)] = self.metrics.release_requests.labels(
+                service, release, CODE_CLASSES[index]
             )
         child.inc()
 
 
-def release_request_recorder() -> Callable[[str, str], None] | None:
+def release_error_rates() -> dict[tuple[str, str], tuple[float, float]]:
+    """(service, release) -> (requests, 5xx answers) so far, for the dashboard."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    if current() is None:
+        return out
+    for family in source_registry().collect():
+        if family.name != "tenement_release_requests":
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_total"):
+                continue
+            key = (s.labels["service"], s.labels["release"])
+            total, errors = out.get(key, (0.0, 0.0))
+            out[key] = (total + s.value, errors + (s.value if s.labels["code"] == "5xx" else 0))
+    return out
+
+
+def release_request_recorder() -> Callable[[str, str, int], None] | None:
     metrics = current()
     return ReleaseRequests(metrics).observe if metrics is not None else None
 

@@ -88,8 +88,7 @@ class HostRouter:
             what = "tenant" if route.key.service in state.table.services else "service"
             await self.refuse(send, 404, f"no such {what}: {route.key}")
             return
-        release = state.release_of.get(route.key, "")
-        await self.forward(state, target, release, host, scope, receive, send)
+        await self.forward(state, target, None, host, scope, receive, send)
 
     async def weighted(
         self, route: Weighted, host: bytes, scope: dict[str, Any], receive: Any, send: Any
@@ -119,15 +118,13 @@ class HostRouter:
         self,
         state: proxy_state.ProxyState,
         target: Target,
-        release: str,
+        release: str | None,
         host: bytes,
         scope: dict[str, Any],
         receive: Any,
         send: Any,
     ) -> None:
         key = target.key
-        if self.observe_release is not None and release:
-            self.observe_release(key.service, release)
         if self.protocol == "websocket":
             await Tunnel(state, target, scope, receive, send, host).run()
             return
@@ -142,6 +139,10 @@ class HostRouter:
             state.closed(key)
             if self.observe is not None:
                 self.observe(key, exchange.status, time.perf_counter() - began)
+            if self.observe_release is not None:
+                # After the exchange: a wake may have started it on a new release.
+                if name := release or state.release_of.get(key):
+                    self.observe_release(key.service, name, exchange.status)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

@@ -67,6 +67,7 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         lines=lines,
         last_id=lines[-1].id if lines else 0,
         actions=ACTIONS,
+        releases=list(instance.service.releases.exclude(state="retired").order_by("created_at")),
     )
     return render(request, "dashboard/detail.html", context)
 
