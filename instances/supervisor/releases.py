@@ -59,7 +59,7 @@ class Releases:
     def move_releases(self: Supervisor) -> bool:
         """Stop running tenants whose release changed; the reconcile starts them again."""
         moved = False
-        for rt in list(self.runtimes.values()):
+        for rt in list(self.awake.values()):  # only running ones can need a move
             if rt.state != State.RUNNING or rt.stopping is not None or rt.stop_in_flight:
                 continue
             target = self.target_release(rt)
