@@ -244,8 +244,10 @@ def expected(weights: dict[str, int], tenant: str, service: str = "web") -> str:
 class SingleInstanceWatch:
     """Samples the processes of every tenant; two at once for one tenant is a failure."""
 
-    def __init__(self, service: str) -> None:
+    def __init__(self, server: Server, service: str) -> None:
         self.service = service
+        # Only this deployment's apps: other test runs may share the machine.
+        self.data = str(server.data)
         self.worst: dict[str, int] = collections.Counter()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
@@ -258,7 +260,8 @@ class SingleInstanceWatch:
                     if "tests.apps.proxyapp:app" not in " ".join(p.info["cmdline"] or ()):
                         continue
                     env = p.environ()
-                    if env.get("SERVICE_NAME") == self.service:
+                    mine = env.get("DATA_DIR", "").startswith(self.data)
+                    if mine and env.get("SERVICE_NAME") == self.service:
                         seen[env["INSTANCE_ID"]] += 1
             for tenant, n in seen.items():
                 self.worst[tenant] = max(self.worst[tenant], n)
@@ -283,7 +286,7 @@ def test_tenant_split_moves_forward_pins_win_and_stays_stable(server: Server) ->
     assert status == 201, body
     # Nothing moves yet: v2 has weight 0.
     assert {server.release_of(k) for k in keys} == {""}
-    with SingleInstanceWatch("web") as watch:
+    with SingleInstanceWatch(server, "web") as watch:
         placed: dict[str, str] = {}
         for weight in (30, 60):
             status, body = server.api(
