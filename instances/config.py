@@ -81,6 +81,18 @@ MAX_SECONDS = 366 * 86400
 
 ServiceName = Annotated[str, AfterValidator(lambda v: check_label(v, "service name"))]
 InstanceId = Annotated[str, AfterValidator(check_label)]
+
+
+def _instance_entry(value: str) -> str:
+    """An [instances] entry: "ID", or "ID@RELEASE" to pin the tenant to a release."""
+    instance_id, sep, release = value.partition("@")
+    check_label(instance_id)
+    if sep:
+        check_label(release, "release name")
+    return value
+
+
+InstanceEntry = Annotated[str, AfterValidator(_instance_entry)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Template = Annotated[Text, _template(PLACEHOLDERS)]
 SocketTemplate = Annotated[Text, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
@@ -186,7 +198,7 @@ class ServiceTable(_Table):
 class ConfigTables(_Table):
     settings: SettingsTable = SettingsTable()
     service: dict[ServiceName, ServiceTable] = {}
-    instances: dict[str, list[InstanceId]] = {}
+    instances: dict[str, list[InstanceEntry]] = {}
 
 
 @dataclass
@@ -199,6 +211,8 @@ class LoadedConfig:
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
     instances: dict[str, list[str]] = field(default_factory=dict)
     always_on: dict[str, set[str]] = field(default_factory=dict)
+    # service -> {instance id: release} from "ID@RELEASE" entries in [instances]
+    pins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def instance_ids(self, name: str) -> list[str]:
         """Tenants of a service: [instances] first, then always_on ids not listed there."""
@@ -271,8 +285,14 @@ def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> Loaded
         fields.update(data_dir=str(data_dir), config_dir=str(config_dir), source=str(path))
         config.services[name] = fields
         config.always_on[name] = set(svc.always_on)
-    for name, ids in tables.instances.items():
+    for name, entries in tables.instances.items():
+        ids = [entry.partition("@")[0] for entry in entries]
         config.instances[name] = list(dict.fromkeys(ids))
+        config.pins[name] = {
+            instance_id: release
+            for instance_id, _, release in (entry.partition("@") for entry in entries)
+            if release
+        }
     return config
 
 

@@ -14,6 +14,7 @@ from django.core.cache import cache
 from rest_framework.test import APIClient
 
 from instances import tokens
+from instances.ids import InstanceKey
 from instances.models import Instance, Release, ReleaseChange, Service
 from instances.spec import ServiceSpec
 from routing.releases import (
@@ -279,3 +280,40 @@ def test_upstream_weight_and_route_answer_upstreams_json(service: Service) -> No
     )
     body = {"process": "notes", "version": "t1", "weight": 100, "timeout": 30}
     assert tenant.post("/api/deploy", body, format="json").status_code == 403
+
+
+# ---- [instances] pins ------------------------------------------------------------------------
+
+
+@pytest.mark.django_db
+def test_instances_entries_pin_tenants_to_existing_releases(tmp_path: Path) -> None:
+    from instances.config import ConfigError, load_config
+    from instances.sync import apply_config
+    from routing import operations as ops
+
+    path = tmp_path / "tenement.toml"
+    path.write_text(
+        f'[service.notes]\ncommand = "{TENANT_PYTHON} {TESTAPP}"\n\n'
+        '[instances]\nnotes = ["alice@v2", "bob"]\n'
+    )
+    config = load_config(path, tmp_path)
+    assert config.instance_ids("notes") == ["alice", "bob"]
+    assert config.pins["notes"] == {"alice": "v2"}
+    # No release v2 yet: refused, and nothing of the file is applied.
+    with pytest.raises(ConfigError, match="release 'v2' does not exist"):
+        apply_config(config)
+    assert not Instance.objects.exists()
+    path.write_text(path.read_text().replace('"alice@v2", ', ""))
+    apply_config(load_config(path, tmp_path))
+    ops.create("notes", {"name": "v2"}, "op")
+    ops.pin(InstanceKey("notes", "bob"), "v2", "op")
+    path.write_text(path.read_text().replace('["bob"]', '["alice@v2", "bob"]'))
+    apply_config(load_config(path, tmp_path))
+    pins = dict(Instance.objects.values_list("instance_id", "release"))
+    assert pins == {"alice": "v2", "bob": "v2"}  # bob's API pin is left alone
+    assert ReleaseChange.objects.filter(kind="pin", actor="config", instance="alice").exists()
+    for bad in ('"alice@"', '"alice@V2"', '"@v2"'):
+        path.write_text(path.read_text().replace('"alice@v2"', bad))
+        with pytest.raises(ConfigError):
+            load_config(path, tmp_path)
+        path.write_text(path.read_text().replace(bad, '"alice@v2"'))
