@@ -12,6 +12,7 @@ import contextlib
 import http.client
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -160,6 +161,12 @@ def test_upstream_weighted_routing_and_weight_zero(server: Server, upstream_ten:
     server.ten(upstream_ten, "weight", "weighted:b", "70")
     seen = count_by_instance(server, "weighted.localhost", 10_000)
     assert abs(seen["a"] / 100 - 30) <= 2 and abs(seen["b"] / 100 - 70) <= 2, seen
+    # scripts/e2e.sh "weighted-reselect": one backend killed, every request still answered.
+    pid = server.get("a.weighted.localhost")[1]["pid"]
+    os.kill(pid, signal.SIGKILL)
+    for _ in range(15):
+        status, body = server.get("weighted.localhost", timeout=10)
+        assert status == 200, body
 
 
 def test_upstream_weighted_wakes_a_sleeping_instance_and_skips_a_failed_one(
