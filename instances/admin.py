@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from instances.models import Event, Instance, LogLine, Service
+from instances.models import Event, Instance, LogLine, Release, ReleaseChange, Service
 
 
 @admin.register(Service)
@@ -29,7 +29,34 @@ class InstanceAdmin(admin.ModelAdmin):
         "last_error",
         "health_ok",
         "health_checked_at",
+        "last_release",
     )
+
+
+@admin.register(Release)
+class ReleaseAdmin(admin.ModelAdmin):
+    """Read-only here: changes go through the API, `ten` or /releases/, which audit them."""
+
+    list_display = ("__str__", "weight", "state", "created_by", "created_at")
+    list_filter = ("state", "service")
+
+    def has_add_permission(self, request: object) -> bool:
+        return False
+
+    def has_change_permission(self, request: object, obj: object = None) -> bool:
+        return False
+
+
+@admin.register(ReleaseChange)
+class ReleaseChangeAdmin(admin.ModelAdmin):
+    list_display = ("time", "service", "kind", "release", "instance", "from_value", "to_value")
+    list_filter = ("kind", "service")
+
+    def has_add_permission(self, request: object) -> bool:
+        return False
+
+    def has_change_permission(self, request: object, obj: object = None) -> bool:
+        return False
 
 
 @admin.register(Event)
