@@ -133,7 +133,9 @@ class DeployView(APIView):
             raise ops.NotFoundError(str(e)) from None
         ops.set_instance_weight(key, weight, who)
         ops.audit(key.service, "deploy", who, instance=key.instance_id, to_value=f"weight {weight}")
-        return instance_ops.request_start(key)
+        instance = instance_ops.request_start(key)
+        ops.announce()  # the supervisor starts it now, not at its next sync
+        return instance
 
 
 class RouteView(APIView):

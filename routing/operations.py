@@ -452,10 +452,12 @@ def smoke(service_name: str, name: str, tenant: str, timeout: float, actor: str)
     instance = get_instance(key)
     previous = instance.release
     pin(key, name, actor)
-    Instance.objects.filter(pk=instance.pk).update(desired_state=Instance.Desired.RUNNING)
+    # save(), not update(): the supervisor notices rows by their updated_at.
+    instance.desired_state = Instance.Desired.RUNNING
+    instance.save(update_fields=["desired_state", "updated_at"])
     announce()
     try:
-        ok, why = wait_healthy_on(instance.pk, name, timeout)
+        ok, why = wait_healthy_on(instance.pk, key, name, timeout)
     finally:
         pin(key, previous, actor)
     if not ok:
@@ -466,7 +468,7 @@ def smoke(service_name: str, name: str, tenant: str, timeout: float, actor: str)
     return get_instance(key)
 
 
-def wait_healthy_on(pk: int, name: str, timeout: float) -> tuple[bool, str]:
+def wait_healthy_on(pk: int, key: InstanceKey, name: str, timeout: float) -> tuple[bool, str]:
     """Poll (another process owns the instance) until it runs healthy on `name`."""
     deadline = time.monotonic() + timeout
     since = ReleaseChange.objects.order_by("-id").values_list("id", flat=True).first() or 0
@@ -477,9 +479,9 @@ def wait_healthy_on(pk: int, name: str, timeout: float) -> tuple[bool, str]:
         if row["state"] == Instance.State.RUNNING and row["last_release"] == name:
             return True, ""
         fell = ReleaseChange.objects.filter(
-            id__gt=since, kind="fallback", release=name, instance__isnull=False
+            id__gt=since, kind="fallback", service=key.service, instance=key.instance_id
         ).first()
-        if fell is not None and Instance.objects.filter(pk=pk, instance_id=fell.instance).exists():
+        if fell is not None and fell.release == name:
             return False, fell.message
         if row["state"] == Instance.State.FAILED:
             return False, row["last_error"] or "failed"

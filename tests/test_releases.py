@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import itertools
 import random
@@ -317,3 +318,47 @@ def test_instances_entries_pin_tenants_to_existing_releases(tmp_path: Path) -> N
         with pytest.raises(ConfigError):
             load_config(path, tmp_path)
         path.write_text(path.read_text().replace(bad, '"alice@v2"'))
+
+
+# ---- the weighted host's choice ---------------------------------------------------------------
+
+
+class Snapshot:
+    """What proxy.weighted.choose reads of the proxy's state: the table and failed keys."""
+
+    def __init__(self, weighted: dict[str, tuple[tuple[str, int], ...]], failed: set) -> None:
+        from routing.table import RoutingTable
+
+        self.table = RoutingTable(weighted=weighted)
+        self.failed = failed
+
+
+def test_weighted_choice_skips_failed_and_sticks_with_the_cookie(settings: Any) -> None:
+    from proxy.weighted import choose, sticky_send
+
+    state = Snapshot({"api": (("v1", 50), ("v2", 50))}, {InstanceKey("api", "v1")})
+    scope: dict[str, Any] = {"headers": []}
+    settings.TENEMENT_STICKY_COOKIE = ""
+    assert {choose(state, "api", scope) for _ in range(50)} == {("v2", None)}
+    assert choose(state, "nosuch", scope) == (None, None)
+    settings.TENEMENT_STICKY_COOKIE = "ten_sticky"
+    state.failed = set()
+    chosen, cookie = choose(state, "api", scope)
+    assert chosen == cookie and chosen in ("v1", "v2")
+    held = {"headers": [(b"cookie", b"a=b; ten_sticky=v1")]}
+    assert {choose(state, "api", held) for _ in range(50)} == {("v1", None)}
+    # A held instance that lost its weight (or failed) is not kept.
+    state.table = Snapshot({"api": (("v2", 100),)}, set()).table
+    assert choose(state, "api", held) == ("v2", "v2")
+    assert choose(state, "api", {"headers": [(b"cookie", b"\xff;;=")]})[0] == "v2"
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    wrapped = sticky_send(send, "v2")
+    asyncio.run(wrapped({"type": "http.response.start", "status": 200, "headers": []}))
+    asyncio.run(wrapped({"type": "http.response.body", "body": b"x"}))
+    assert (b"set-cookie", b"ten_sticky=v2; Path=/; HttpOnly; SameSite=Lax") in sent[0]["headers"]
+    assert "headers" not in sent[1]
