@@ -255,7 +255,7 @@ class SingleInstanceWatch:
         self.service = service
         # Only this deployment's apps: other test runs may share the machine.
         self.data = str(server.data)
-        self.worst: dict[str, int] = collections.Counter()
+        self.worst: collections.Counter[str] = collections.Counter()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
@@ -471,6 +471,7 @@ def test_blue_green_switch_and_rollback_under_load_lose_nothing(server: Server) 
         )
 
     ws = websocket()
+    watch = stack.enter_context(SingleInstanceWatch(server, "blue"))
     load = Load(server, tenants)
     try:
         time.sleep(1)
@@ -503,6 +504,7 @@ def test_blue_green_switch_and_rollback_under_load_lose_nothing(server: Server) 
     finally:
         load.finish()
         stack.close()
+    assert watch.worst and max(watch.worst.values()) == 1, watch.worst
     assert not load.errors, load.errors[:5]
     statuses = collections.Counter(s for _, s, _ in load.results)
     assert set(statuses) == {200}, statuses
