@@ -229,6 +229,8 @@ def test_pins_win_and_tenant_tokens_cannot_touch_releases(service: Service) -> N
     api.post("/api/services/notes/releases", {"name": "v2"}, format="json")
     response = api.put("/api/instances/notes:t3/release", {"release": "v2"}, format="json")
     assert response.status_code == 200 and response.json()["release"] == "v2"
+    shown = api.get("/api/instances/notes:t3/").json()
+    assert (shown["release"], shown["weight"], shown["last_release"]) == ("v2", 100, "")
     assert listing(api)["v2"]["tenants"] == 1 and listing(api)["v2"]["pinned"] == 1
     assert (
         api.put("/api/instances/notes:t3/release", {"release": "nope"}, format="json").status_code

@@ -90,6 +90,10 @@ class InstanceSerializer(serializers.ModelSerializer):
             "started_at",
             "last_activity",
             "created_at",
+            # Releases: the weighted host's share, the pin, the release it last ran healthy on.
+            "weight",
+            "release",
+            "last_release",
         ]
         read_only_fields = fields
 
