@@ -214,7 +214,7 @@ def test_upstream_deploy_of_an_app_that_never_gets_healthy_fails_cleanly(
         "UPDATE instances_service SET env = ? WHERE name = 'never'",
         json.dumps({"TESTAPP_HEALTH": "fail"}),
     )
-    result = subprocess.run(
+    deploy = subprocess.Popen(
         [
             str(upstream_ten),
             "--server",
@@ -224,13 +224,25 @@ def test_upstream_deploy_of_an_app_that_never_gets_healthy_fails_cleanly(
             "deploy",
             "never:v9",
             "--timeout",
-            "3",
+            "4",
         ],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
-        timeout=60,
     )
-    assert result.returncode != 0
+    try:
+        # While the deploy waits for health, the rest of the API answers at once.
+        server.wait_for("the deploy to begin", lambda: "never:v9" in server.rows(), 10)
+        began = time.monotonic()
+        status, _ = server.api("GET", "/api/releases/changes?service=never")
+        assert status == 200 and time.monotonic() - began < 1.5
+        assert deploy.poll() is None  # still waiting
+        _, stderr = deploy.communicate(timeout=60)
+    finally:
+        if deploy.poll() is None:
+            deploy.kill()
+            deploy.wait()
+    assert deploy.returncode != 0, stderr
     rows = server.rows()
     assert rows["never:v9"]["weight"] == 0 and rows["never:v9"]["desired_state"] == "stopped"
 
