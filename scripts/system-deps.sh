@@ -21,6 +21,8 @@ case "$mode" in
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # promtool checks the live /metrics and the alerting rules.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Upstream's multi-runtime example (run unchanged by the drop-in tests) has a Go app.
+    command -v go >/dev/null 2>&1 || missing+=(golang-go)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

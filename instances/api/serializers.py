@@ -38,6 +38,8 @@ WRITABLE_SERVICE_FIELDS = (
     "pids_max",
     "storage_quota_mb",
     "storage_persist",
+    "restart",
+    "listen",
 )
 SERVICE_FIELDS = ["name", *WRITABLE_SERVICE_FIELDS, "source", "created_at", "updated_at"]
 
