@@ -85,7 +85,8 @@ InstanceId = Annotated[str, AfterValidator(check_label)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Template = Annotated[Text, _template(PLACEHOLDERS)]
 # A socket or workdir is fixed before the process gets its port.
-SocketTemplate = Annotated[Text, _template(tuple(p for p in PLACEHOLDERS if p not in ("socket", "port")))]
+SOCKET_PLACEHOLDERS = tuple(p for p in PLACEHOLDERS if p not in ("socket", "port"))
+SocketTemplate = Annotated[Text, _template(SOCKET_PLACEHOLDERS)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]

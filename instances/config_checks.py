@@ -31,7 +31,7 @@ RESERVED_ENV = {
     "PORT": "the loopback port tenement gives the instance ({port})",
 }
 VM_REFUSAL = (
-    "firecracker and qemu VMs are not supported; use isolation = \"namespace\" (bubblewrap: "
+    'firecracker and qemu VMs are not supported; use isolation = "namespace" (bubblewrap: '
     "own uid, PID and mount namespaces) with memory_limit_mb, cpu_max and pids_max, and "
     "remove the VM keys"
 )
@@ -40,7 +40,7 @@ VM_REFUSAL = (
 REFUSED_SETTINGS = {
     "tls": (
         "TLS through ACME is not supported by this version; terminate TLS in a reverse "
-        "proxy in front of tenement (Caddy or nginx, README \"Deployment\") and remove "
+        'proxy in front of tenement (Caddy or nginx, README "Deployment") and remove '
         "[settings.tls]"
     ),
 }
@@ -50,7 +50,8 @@ REFUSED_TOP = {
         "put path or custom-host rules in a reverse proxy in front, and remove [routing]"
     ),
 }
-REFUSED_SERVICE = dict.fromkeys(("kernel", "rootfs", "memory_mb", "vcpus", "vsock_port"), VM_REFUSAL)
+VM_KEYS = ("kernel", "rootfs", "memory_mb", "vcpus", "vsock_port")
+REFUSED_SERVICE = dict.fromkeys(VM_KEYS, VM_REFUSAL)
 VM_ISOLATION = ("firecracker", "qemu")
 # Never a data dir: the instance folders would be created among the system's own.
 _TOP = "bin boot dev etc home lib lib64 proc root run sbin srv sys tmp usr var"

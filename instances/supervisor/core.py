@@ -36,6 +36,7 @@ from instances.supervisor.lifecycle import Lifecycle
 from instances.supervisor.logs import LogCollector
 from instances.supervisor.monitor import Monitor
 from instances.supervisor.persist import DbThread, Outbox
+from instances.supervisor.ports import PortPool
 from instances.supervisor.recovery import PidFiles, Recovery
 from instances.supervisor.runtime import Runtime, State
 from instances.supervisor.signals import stop_on_signals
@@ -85,6 +86,7 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         self.logs = LogCollector(DbThread("tenement-db-logs"))
         run_dir = run_dir or Path(django_settings.TENEMENT_DATA_DIR) / "run"
         self.pidfiles = PidFiles(run_dir / "pids")
+        self.ports = PortPool()
         self.stop_event = asyncio.Event()
         self.force_event = asyncio.Event()  # a second signal: skip the drain
         self.wakeup = asyncio.Event()
