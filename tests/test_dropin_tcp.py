@@ -40,7 +40,7 @@ stop_timeout = 2
 
 # {{port}} in the command, and listen = "tcp" says where readiness and the proxy go.
 [service.tcp]
-command = "{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --host 127.0.0.1 --port {{port}}"
+command = "{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --port {{port}}"
 health = "/health"
 listen = "tcp"
 stop_timeout = 2
