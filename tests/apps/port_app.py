@@ -10,7 +10,7 @@ import uvicorn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
 
-from tests.apps.proxyapp import app  # noqa: E402
+from tests.apps.proxyapp import app
 
 if __name__ == "__main__":
     uvicorn.run(app, host="127.0.0.1", port=int(os.environ["PORT"]), log_level="warning")
