@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator
 
 import httptools
 
-from instances.supervisor.ports import parse_tcp
+from instances.addresses import parse_tcp
 
 HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_SOCKET = 64

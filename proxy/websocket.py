@@ -15,7 +15,7 @@ from django.conf import settings
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
-from instances.supervisor.ports import parse_tcp
+from instances.addresses import parse_tcp
 from proxy import headers as h
 from proxy.client import ClientGone, ClientReader, hold
 from proxy.session import Session

@@ -8,8 +8,8 @@ from typing import NamedTuple
 
 import h11
 
+from instances.addresses import parse_tcp
 from instances.supervisor import fds
-from instances.supervisor.ports import parse_tcp
 
 MAX_RESPONSE_HEAD = 64 * 1024
 

@@ -17,11 +17,12 @@ from django.db.models import F
 from django.utils import timezone
 
 from instances import metrics
+from instances.addresses import tcp_address
 from instances.config import parse_port_range, parse_uid_range
 from instances.supervisor import fds, isolation, process, store
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING
 from instances.supervisor.health import HealthResult
-from instances.supervisor.ports import PortsExhausted, tcp_address
+from instances.supervisor.ports import PortsExhausted
 from instances.supervisor.recovery import ChildRecord
 from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
 

@@ -8,25 +8,11 @@ from __future__ import annotations
 
 import socket
 
-TCP_PREFIX = "tcp:"
-LOOPBACK = "127.0.0.1"
+from instances.addresses import LOOPBACK
 
 
 class PortsExhausted(Exception):
     pass
-
-
-def tcp_address(port: int) -> str:
-    """How a TCP upstream is written where a socket path may stand (routing, wakes)."""
-    return f"{TCP_PREFIX}{LOOPBACK}:{port}"
-
-
-def parse_tcp(address: str) -> tuple[str, int] | None:
-    """(host, port) of a tcp: address; None for a Unix socket path."""
-    if not address.startswith(TCP_PREFIX):
-        return None
-    host, _, port = address.removeprefix(TCP_PREFIX).rpartition(":")
-    return host, int(port)
 
 
 def _free(port: int) -> bool:
