@@ -33,6 +33,7 @@ from instances.supervisor import storage
 
 KEY_REGEX = r"[a-z0-9-]+:[a-z0-9-]+"
 PURGE_WAIT_SLACK = 5.0
+SPAWN_WAIT = 10.0
 LIST_PARAMS = frozenset({"service", "state", "all"})
 # Upstream's list shows the instances it has a process for; ours adds sleeping ones on ask.
 ASLEEP = (Instance.State.STOPPED,)
@@ -223,11 +224,12 @@ class InstanceViewSet(
                 instance = ops.request_start(key)
         except ops.OperationError as e:
             raise NotFound(str(e)) from None
-        wait = instance.service.startup_timeout + PURGE_WAIT_SLACK
+        # Upstream answers once the process is up, healthy or not: wait for ready, but an
+        # app still starting (or retrying) after SPAWN_WAIT is answered as it stands.
+        wait = min(instance.service.startup_timeout + PURGE_WAIT_SLACK, SPAWN_WAIT)
         instance = ops.wait_for_states(instance.pk, {"running", "failed"}, wait)
-        if instance.state != "running":
-            reason = instance.last_error or f"not running within {wait:g}s"
-            raise Unavailable(f"{instance.key} did not start: {reason}")
+        if instance.state == "failed":
+            raise Unavailable(f"{instance.key} did not start: {instance.last_error}")
         data = self.get_serializer(instance).data
         return Response({**data, "instance": str(instance.key)})
 
