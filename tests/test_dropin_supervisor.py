@@ -148,3 +148,18 @@ async def test_port_is_in_the_environment_and_interpolated(short_tmp: Path) -> N
     env = json.loads(body)
     assert env["PORT"] == env["MY_PORT"] == str(port)
     assert env["PATH"].startswith("/usr/local/sbin")  # the system's, never our venv's
+
+
+def test_a_working_directory_the_sandbox_hides_is_named(tmp_path: Path) -> None:
+    from instances.supervisor.isolation import hidden_workdir
+
+    data = tmp_path / "data"
+    spec = ServiceSpec(
+        name="a", command="x", data_dir=str(data), config_dir=str(data), isolation="namespace"
+    )
+    assert hidden_workdir(spec, "alice", spec.cwd("alice")) == str(data)
+    assert hidden_workdir(spec, "alice", data / "a" / "alice") is None  # its own folder
+    outside = ServiceSpec(**{**spec.__dict__, "config_dir": str(tmp_path / "apps")})
+    assert hidden_workdir(outside, "alice", outside.cwd("alice")) is None
+    as_process = ServiceSpec(**{**spec.__dict__, "isolation": "process"})
+    assert hidden_workdir(as_process, "alice", as_process.cwd("alice")) is None

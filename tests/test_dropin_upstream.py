@@ -16,7 +16,6 @@ Not ported here, and why:
 
 from __future__ import annotations
 
-import contextlib
 import http.client
 import json
 import os
@@ -295,6 +294,32 @@ def test_storage_persistence(up: Upstream) -> None:
     assert not emarker.exists()
 
 
+def test_logs_follow(up: Upstream) -> None:
+    """Upstream's `ten logs -f` on our SSE stream."""
+    up.spawned("logs:follow")
+    up.until("follow serving", lambda: up.serving("follow.logs"))
+    follow = subprocess.Popen(
+        [str(up.ten_binary), "--data-dir", str(up.data), "logs", "logs:follow", "-f"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**BASE_ENV, "TENEMENT_SERVER": up.url},
+        cwd=up.serve,
+    )
+    try:
+        time.sleep(1)  # the stream starts from now
+        up.get("follow.logs", "/followed")
+        line = follow.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("[OUT] logs:follow req id=follow"), line
+        assert "path=/followed" in line
+    finally:
+        follow.kill()
+        follow.wait()
+        follow.stdout.close()  # type: ignore[union-attr]
+        follow.stderr.close()  # type: ignore[union-attr]
+    up.stopped("logs:follow")
+
+
 def test_log_streaming(up: Upstream) -> None:
     up.spawned("logs:stream")
     up.until("stream serving", lambda: up.serving("stream.logs"))
@@ -345,6 +370,32 @@ def test_upstream_api_answers(up: Upstream) -> None:
     assert up.api("/api/instances?nope=1", token)[0] == 400
     assert up.api("/api/logs?proces=persist", token)[0] == 400  # a typo is not ignored
     up.stopped("persist:api")
-    with contextlib.suppress(AssertionError):
-        up.ours("deregister", "persist:api")
+    assert "persist:api: deregistered" in up.ours("deregister", "persist:api")
     assert "persist:api" not in up.rows()
+
+
+def test_our_ten_speaks_upstreams_verbs_too(up: Upstream, tmp_path: Path) -> None:
+    """Our `ten`: --version, the token file (no TENEMENT_TOKEN here), ps --all, config,
+    init; its own extras keep working."""
+    assert up.ours("--version").startswith("ten ")
+    up.spawned("basic:ours")
+    up.stopped("basic:ours")
+    assert "basic:ours" not in up.ours("ps")  # upstream's ps: only instances with a process
+    assert "basic:ours" in up.ours("ps", "--all")
+    shown = up.ours("config", "--file", str(up.serve / "tenement.toml"))
+    assert "[basic]" in shown and "command: ./simple.sh" in shown
+    result = subprocess.run(
+        [sys.executable, "-m", "instances.cli", "init", "--name", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=BASE_ENV,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    from instances.config import load_config
+
+    (tmp_path / "app").write_text("#!/bin/sh\n")
+    (tmp_path / "app").chmod(0o755)
+    config = load_config(tmp_path / "tenement.toml", tmp_path / "data")
+    assert config.services["demo"]["command"] == "./app"

@@ -279,6 +279,8 @@ class Lifecycle:
             )
             return
         if code == 0 and not rt.failure and spec.restart == "on-failure":
+            if not spec.storage_persist:  # a stop like any other
+                await asyncio.to_thread(process.wipe_data, spec, rt.key.instance_id)
             self.exited_cleanly(rt, how)
             return
         self.handle_failure(rt, rt.failure or f"crashed: {how}", last_exit_code=code)

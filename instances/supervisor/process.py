@@ -151,6 +151,11 @@ async def spawn(
     if not cwd.is_dir():
         raise SpawnError(f"workdir does not exist: {cwd}")
     check_passable(cwd, ident)
+    if (hidden := isolation.hidden_workdir(spec, instance_id, cwd)) is not None:
+        raise SpawnError(
+            f"the working directory {cwd} is inside {hidden}, which the sandbox hides "
+            "(tenement's data); keep the apps and their config elsewhere, or set `workdir`"
+        )
     argv = spec.argv(instance_id, port)
     argv[0] = resolve_program(argv, env, cwd)
     group = _cgroup(spec, instance_id, h)
