@@ -25,7 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import MANAGE, REPO, become_subreaper, kill_descendants, log
+from common import MANAGE, PYTHON, REPO, become_subreaper, kill_descendants, log
 
 # bench/proxy.py by path: on sys.path, `proxy` is also tenement's proxy package.
 _spec = importlib.util.spec_from_file_location("bench_proxy", Path(__file__).with_name("proxy.py"))
@@ -37,7 +37,8 @@ PEERS = ("ours-unix", "ours-tcp", "ten")
 
 
 def ours_config(run: bp.Run, tcp: bool) -> str:
-    command = run.app_command("--tag", "{id}", *(["--tcp"] if tcp else []))
+    # No --spawn-log: tenants run as their own uids and may not write into our folder.
+    command = " ".join([PYTHON, str(bp.FAST_APP), *(["--tcp"] if tcp else [])])
     return (
         f'[service.app]\ncommand = {json.dumps(command)}\nhealth = "/health"\n'
         'isolation = "process"\nidle_timeout = 3600\n\n[instances]\napp = ["alice", "cold"]\n'
@@ -48,6 +49,7 @@ def bench_ours(run: bp.Run, peer: str, tcp: bool) -> None:
     root = run.root / peer
     root.mkdir()
     (root / "tenement.toml").write_text(ours_config(run, tcp))
+    (root / "tenement.toml").chmod(0o600)  # as an operator would: tenants could read it
     data = str(root / "data")
 
     def stop(tenant: str) -> None:
@@ -71,7 +73,7 @@ def socket_of(ps_json: str) -> str:
         rows = json.loads(ps_json)
     except ValueError:
         return "?"
-    return next((r.get("socket_path", "?") for r in rows if r.get("instance_id") == "alice"), "?")
+    return next((r.get("upstream") or "?" for r in rows if r.get("instance") == "app:alice"), "?")
 
 
 def report(run: bp.Run) -> None:
@@ -113,6 +115,7 @@ def main() -> None:
         raise SystemExit("missing wrk: run scripts/system-deps.sh bench")
     become_subreaper()
     root = Path(tempfile.mkdtemp(prefix="ttc", dir="/tmp"))
+    root.chmod(0o711)  # tenants' own uids pass through to their folders
     run = bp.Run(args, root, root / "spawns.log", list(PEERS), ["warm", "cold"])
     try:
         for peer in PEERS:

@@ -117,15 +117,25 @@ def test_an_unpassable_working_directory_is_named(tmp_path: Path) -> None:
 def test_ports_are_handed_out_once_and_skip_busy_ones() -> None:
     import socket
 
+    from instances.supervisor.ports import _free
+
     pool = PortPool()
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        held = busy.getsockname()[1]
+    busy = socket.socket()
+    try:
+        for _ in range(50):  # a held port whose two neighbours are free right now
+            busy.bind(("127.0.0.1", 0))
+            held = busy.getsockname()[1]
+            if held < 65534 and _free(held + 1) and _free(held + 2):
+                break
+            busy.close()
+            busy = socket.socket()
         ports = range(held, held + 3)
         got = {pool.allocate(ports), pool.allocate(ports)}
         assert held not in got and len(got) == 2
         with pytest.raises(PortsExhausted, match="widen"):
             pool.allocate(ports)
+    finally:
+        busy.close()
     pool.release(min(got))
     assert pool.allocate(ports) in (min(got), held)
 
@@ -163,3 +173,12 @@ def test_a_working_directory_the_sandbox_hides_is_named(tmp_path: Path) -> None:
     assert hidden_workdir(outside, "alice", outside.cwd("alice")) is None
     as_process = ServiceSpec(**{**spec.__dict__, "isolation": "process"})
     assert hidden_workdir(as_process, "alice", as_process.cwd("alice")) is None
+
+
+def test_only_commands_naming_files_in_the_working_directory_need_to_reach_it(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "app.py").write_text("")
+    assert process.names_files_in(["python3", "app.py"], tmp_path)
+    assert process.names_files_in(["./app.py"], tmp_path)
+    assert not process.names_files_in(["/usr/bin/python3", "/srv/app.py", "--port"], tmp_path)

@@ -150,13 +150,14 @@ async def spawn(
     cwd = spec.cwd(instance_id)
     if not cwd.is_dir():
         raise SpawnError(f"workdir does not exist: {cwd}")
-    check_passable(cwd, ident)
+    argv = spec.argv(instance_id, port)
+    if names_files_in(argv, cwd):
+        check_passable(cwd, ident)
     if (hidden := isolation.hidden_workdir(spec, instance_id, cwd)) is not None:
         raise SpawnError(
             f"the working directory {cwd} is inside {hidden}, which the sandbox hides "
             "(tenement's data); keep the apps and their config elsewhere, or set `workdir`"
         )
-    argv = spec.argv(instance_id, port)
     argv[0] = resolve_program(argv, env, cwd)
     group = _cgroup(spec, instance_id, h)
     try:
@@ -231,9 +232,17 @@ def _parent_env(ident: Identity) -> dict[str, str]:
     return env
 
 
+def names_files_in(argv: list[str], cwd: Path) -> bool:
+    """Whether the command names files by paths relative to its working directory
+    (`./run.sh`, `python3 app.py`, `node server.js`): then the app resolves them."""
+    return any(w and not os.path.isabs(w) and (cwd / w).exists() for w in argv)
+
+
 def check_passable(folder: Path, ident: Identity) -> None:
-    """The working directory (by default the config file's folder) must be enterable by
-    the tenant's uid, or the start fails in the child with a bare EACCES: say where."""
+    """A command that names files in its working directory (by default the config file's
+    folder) needs the tenant's uid to pass every folder above it: runtimes resolve such
+    paths to absolute ones (Node, Go, Python's sys.path). The chdir itself is done as
+    root, so without this the app fails later with a bare EACCES: say where instead."""
     if ident.uid is None:
         return
     for path in [folder, *folder.parents]:
