@@ -11,10 +11,14 @@ variables, so a 502 logged deep inside the proxy needs no arguments threaded thr
 
 from __future__ import annotations
 
+import atexit
 import contextvars
 import json
 import logging
+import logging.handlers
+import queue
 import re
+import sys
 import time
 from typing import Any
 
@@ -117,6 +121,46 @@ class JsonLineFormatter(JsonFormatter):
         return utc_iso(record.created)
 
 
+class QueuedStderrHandler(logging.handlers.QueueHandler):
+    """Formats on the caller's thread (the context variables live there), writes to
+    stderr on a thread of its own: a slow journald or a full pipe never stalls the event
+    loop, and a 503 storm's lines cost the proxy a queue put each. Past QUEUE_SIZE lines
+    waiting, new ones are dropped and counted (one line says how many), never blocking."""
+
+    QUEUE_SIZE = 10_000
+
+    def __init__(self) -> None:
+        super().__init__(queue.Queue(self.QUEUE_SIZE))
+        self.dropped = 0
+        writer = logging.StreamHandler(sys.stderr)
+        writer.setFormatter(logging.Formatter("%(message)s"))  # already formatted here
+        self.listener = logging.handlers.QueueListener(self.queue, writer)
+        self.listener.start()
+        atexit.register(self.close)
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        try:
+            if self.dropped:
+                self.queue.put_nowait(self._dropped_record())
+                self.dropped = 0
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+
+    def _dropped_record(self) -> logging.LogRecord:
+        text = f"{utc_iso(time.time())} WARNING tenement.logging event=log_lines_dropped "
+        return logging.makeLogRecord({"msg": f"{text}dropped={self.dropped}"})
+
+    def close(self) -> None:
+        # Writes out what is queued (the lines that explain a shutdown) before exit.
+        if self.listener._thread is not None:
+            if self.dropped:
+                self.queue.put(self._dropped_record())
+                self.dropped = 0
+            self.listener.stop()
+        super().close()
+
+
 def check_level(level: str, where: str) -> str:
     name = level.strip().upper()
     if name not in logging.getLevelNamesMapping() or name == "NOTSET":
@@ -160,7 +204,7 @@ def config(fmt: str, level: str, overrides: str = "") -> dict[str, Any]:
         "filters": {"context": {"()": f"{__name__}.ContextFilter"}},
         "handlers": {
             "console": {
-                "class": "logging.StreamHandler",
+                "()": f"{__name__}.QueuedStderrHandler",
                 "formatter": "line",
                 "filters": ["context"],
             }

@@ -234,3 +234,41 @@ def test_plain_lines_one_per_event(plain_server: Server) -> None:
     )
     rid = bad.getheader("x-request-id")
     assert any(f"instance=bad:dan request_id={rid} status=502" in line for line in lines)
+
+
+STALLED_WRITER = """
+import logging, logging.config, time
+from tenement_site import logging as tlog
+logging.config.dictConfig(tlog.config("plain", "INFO"))
+log = logging.getLogger("tenement.proxy")
+started = time.monotonic()
+for i in range(50_000):
+    log.warning("upstream refused %d", i, extra={"event": "bad_gateway"})
+print(f"logged in {time.monotonic() - started:.3f}s", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_stalled_stderr_never_blocks_the_logging_thread() -> None:
+    """Nobody reads the process's stderr (a stuck journald): logging still returns at
+    once, the excess is dropped and counted, and what was queued is written at exit."""
+    with subprocess.Popen(
+        [sys.executable, "-c", STALLED_WRITER],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        try:
+            # stdout answers while stderr is still unread: the loop did not wait for it.
+            done = proc.stdout.readline()
+            assert done.startswith("logged in"), done
+            assert float(done.split()[2].rstrip("s")) < 10
+            err = proc.stderr.read()
+            assert proc.wait(30) == 0
+        finally:
+            proc.kill()
+    lines = err.splitlines()
+    assert "event=bad_gateway" in lines[0] and 'msg="upstream refused 0"' in lines[0]
+    assert 1_000 < len(lines) < 50_000  # the pipe plus the queue's worth, not everything
+    assert any("event=log_lines_dropped" in line for line in lines)

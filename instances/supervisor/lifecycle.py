@@ -425,6 +425,10 @@ class Lifecycle:
                 extra={"event": "illegal_transition", "instance": rt.key, "from": old, "to": new},
             )
         rt.state = new
+        if new in (State.STOPPED, State.FAILED):
+            self.awake.pop(rt.pk, None)
+        else:
+            self.awake[rt.pk] = rt
         rt.notify()
         self.poke()  # a new state may bring a deadline (backoff, idle) the loop must see
         pid = rt.proc.pid if rt.proc is not None else None

@@ -45,6 +45,9 @@ class LogCollector:
         self.flushing = asyncio.Lock()
         self.buffer: list[CapturedLine] = []
         self.full = asyncio.Event()
+        # Set while lines wait to be written: an idle supervisor's log loop sleeps on it
+        # instead of waking four times a second to find nothing.
+        self.has_lines = asyncio.Event()
         # Rows per instance since the last trim, so retention costs no COUNT per flush.
         self.stored: dict[int, int] = {}
         self.retention: dict[int, int] = {}
@@ -83,6 +86,7 @@ class LogCollector:
             return
         self.pending[instance_pk] = held + 1
         self.buffer.append(CapturedLine(instance_pk, stream, datetime.now(UTC), text))
+        self.has_lines.set()
         if len(self.buffer) >= FLUSH_BATCH:
             self.full.set()
 
@@ -102,6 +106,7 @@ class LogCollector:
         if not self.buffer:
             return False
         batch, self.buffer = self.buffer, []
+        self.has_lines.clear()
         self.pending.clear()
         try:
             await self.db.call(self._write, batch)
@@ -118,6 +123,7 @@ class LogCollector:
         for c in lines[MAX_BUFFERED:]:
             self.dropped[c.instance_pk] = self.dropped.get(c.instance_pk, 0) + 1
         self.buffer = lines[:MAX_BUFFERED]
+        self.has_lines.set()
         self.pending = dict(collections.Counter(c.instance_pk for c in self.buffer))
 
     def fair_share(self) -> int:

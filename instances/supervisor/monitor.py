@@ -46,14 +46,14 @@ class Monitor:
     def seconds_until_health_due(self: Supervisor) -> float:
         interval = self.settings.health_check_interval
         now = self.clock()
-        due = [rt.next_health - now for rt in self.runtimes.values() if health_applies(rt)]
+        due = [rt.next_health - now for rt in self.awake.values() if health_applies(rt)]
         # New instances become due a full interval after they start, so `interval` is a safe cap.
         return max(0.01, min([interval, *due]))
 
     async def check_health(self: Supervisor) -> bool:
         """Health-check every running instance that is due. Returns whether any ran."""
         now = self.clock()
-        due = [rt for rt in self.runtimes.values() if health_applies(rt) and now >= rt.next_health]
+        due = [rt for rt in self.awake.values() if health_applies(rt) and now >= rt.next_health]
         if due:
             await asyncio.gather(*(self.check_one(rt) for rt in due))
         return bool(due)
@@ -160,7 +160,7 @@ class Monitor:
         """Stop instances idle past idle_timeout with no open connection."""
         now = self.clock()
         reaped = False
-        for rt in list(self.runtimes.values()):
+        for rt in list(self.awake.values()):
             if not self.is_idle(rt, now):
                 continue
             idle = rt.idle_for(now)
