@@ -59,6 +59,10 @@ class ServiceViewSet(
         self.required_scope = None if self.action in ("list", "retrieve") else "admin"
         return super().get_permissions()
 
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        known_params(request, set())
+        return super().list(request, *args, **kwargs)
+
     def get_serializer_context(self) -> dict[str, Any]:
         token = token_of(self.request)
         is_admin = token.scope == "admin" if token else self.request.user.is_staff
@@ -304,6 +308,7 @@ class InstanceViewSet(
     )
     @action(detail=True, methods=["get"])
     def events(self, request: Request, key: str) -> Response:
+        known_params(request, {"limit"})
         instance = self.get_object()
         limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
         rows = Event.objects.filter(instance=instance).order_by("-time", "-id")[:limit]
@@ -327,6 +332,10 @@ class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Gen
     lookup_field = "name"
     lookup_value_regex = "[^/]+"  # token names are free text (but never contain '/')
     required_scope = "admin"
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        known_params(request, set())
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(request=s.TokenCreateSerializer, responses={201: dict})
     def create(self, request: Request) -> Response:
