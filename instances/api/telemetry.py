@@ -55,38 +55,41 @@ class TelemetryView(APIView):
         qs = Instance.objects.select_related("service").exclude(state=Instance.State.STOPPED)
         if tenant := tenant_of(request):
             qs = qs.filter(instance_id=tenant)
-        requests, seconds, counts = request_totals()
-        per_instance = settings.TENEMENT_METRICS_PER_INSTANCE
+        totals = request_totals()
         context = {"now": time.time()}
-        rows = []
-        for instance in qs:
-            data = s.InstanceSerializer(instance, context=context).data
-            service = instance.service.name
-            count = counts.get((service,), 0)
-            avg = seconds.get((service,), 0) * 1000 / count if count else 0.0
-            rows.append(
-                {
-                    **{k: data[k] for k in UPSTREAM_ROW},
-                    "process": service,
-                    "instance": instance.instance_id,
-                    "requests_total": (
-                        int(requests.get((service, instance.instance_id), 0))
-                        if per_instance
-                        else None
-                    ),
-                    # Per service: histograms are never per instance (series cost).
-                    "request_duration_avg_ms": round(avg, 3),
-                    "request_duration_p99_ms": None,
-                }
-            )
-        services = sorted({i.service.name for i in qs})
+        rows = [telemetry_row(instance, totals, context) for instance in qs]
+        requests = totals[0]
         summary = {
             "total_instances": len(rows),
             "healthy_instances": sum(1 for r in rows if r["health"] == "healthy"),
             "total_requests": int(sum(v for k, v in requests.items() if len(k) == 1)),
         }
+        services = sorted({i.service.name for i in qs})
         by_service = {name: int(requests.get((name,), 0)) for name in services}
         return Response({"summary": summary, "instances": rows, "services": by_service})
+
+
+def telemetry_row(
+    instance: Instance, totals: tuple[Totals, Totals, Totals], context: dict[str, Any]
+) -> dict[str, Any]:
+    """Upstream's per-instance row: its fields, request counts and mean duration."""
+    requests, seconds, counts = totals
+    data = s.InstanceSerializer(instance, context=context).data
+    service = instance.service.name
+    count = counts.get((service,), 0)
+    per_instance = settings.TENEMENT_METRICS_PER_INSTANCE
+    mine = requests.get((service, instance.instance_id), 0)
+    return {
+        **{k: data[k] for k in UPSTREAM_ROW},
+        "process": service,
+        "instance": instance.instance_id,
+        "requests_total": int(mine) if per_instance else None,
+        # Per service: histograms are never per instance (their series cost).
+        "request_duration_avg_ms": round(seconds.get((service,), 0) * 1000 / count, 3)
+        if count
+        else 0.0,
+        "request_duration_p99_ms": None,
+    }
 
 
 UPSTREAM_ROW = (
