@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from typing import Any
 
 from django.conf import settings
 from drf_spectacular.utils import extend_schema
