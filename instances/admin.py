@@ -5,7 +5,7 @@ from typing import Any
 from django.contrib import admin
 from django.http import HttpRequest
 
-from instances.models import Event, Instance, LogLine, Service
+from instances.models import Event, Instance, LogLine, Release, ReleaseChange, Service
 
 
 @admin.register(Service)
@@ -32,18 +32,33 @@ class InstanceAdmin(admin.ModelAdmin):
         "last_error",
         "health_ok",
         "health_checked_at",
+        "last_release",
     )
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
-    """History written by the supervisor: to read and search, never to edit or add.
-    (Deleting stays possible, as retention does.)"""
+    """History and audit records (written by the supervisor, or by the API, which
+    audits): to read and search, never to edit or add here. Deleting stays possible."""
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False
 
     def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False
+
+
+@admin.register(Release)
+class ReleaseAdmin(ReadOnlyAdmin):
+    """Read-only here: changes go through the API, `ten` or /releases/, which audit them."""
+
+    list_display = ("__str__", "weight", "state", "created_by", "created_at")
+    list_filter = ("state", "service")
+
+
+@admin.register(ReleaseChange)
+class ReleaseChangeAdmin(ReadOnlyAdmin):
+    list_display = ("time", "service", "kind", "release", "instance", "from_value", "to_value")
+    list_filter = ("kind", "service")
 
 
 @admin.register(Event)

@@ -12,15 +12,19 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from instances import metrics, timeline
+from instances.ids import InstanceKey
 from proxy import hooks
 from proxy import state as proxy_state
 from proxy.http import Exchange
 from proxy.responses import plain
 from proxy.websocket import Tunnel
-from routing.hosts import Control, MalformedHost, Route, Tenant, resolve
+from proxy.weighted import choose, sticky_send
+from routing.hosts import Control, MalformedHost, Route, Tenant, Weighted, resolve
+from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
 access_log = logging.getLogger("tenement.access")
@@ -33,6 +37,24 @@ class Malformed:
 
 
 @functools.lru_cache(maxsize=8192)
+@sync_to_async
+def register_on_request(key: InstanceKey) -> Target | None:
+    """TENEMENT_REGISTER_ON_REQUEST: upstream wakes any id of a defined service; register
+    it (the wake that follows makes the supervisor read it). Off the hot path: only for
+    hosts the routing snapshot does not know."""
+    from django.db import close_old_connections
+
+    from instances import operations as ops
+
+    close_old_connections()
+    try:
+        instance, _ = ops.register(key, start=True)
+    except ops.OperationError:
+        return None  # the service went away meanwhile
+    service = instance.service
+    return Target(key, service.request_timeout, service.wake_timeout)
+
+
 def route_for(raw: bytes, domain: str) -> Route | Malformed:
     try:
         return resolve(raw.decode("latin-1"), domain)
@@ -87,6 +109,7 @@ class HostRouter:
         self.protocol = protocol
         self.domain = settings.TENEMENT_DOMAIN
         self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
+        self.observe_release = metrics.release_request_recorder()
         self.access_log = settings.TENEMENT_ACCESS_LOG
         self.timeline = timeline.current()  # the dashboard's charts
 
@@ -106,6 +129,8 @@ class HostRouter:
                 await self.control(scope, receive, send)
         elif isinstance(route, Tenant):
             await self.tenant(route, host, scope, receive, send)
+        elif isinstance(route, Weighted):
+            await self.weighted(route, host, scope, receive, send)
         elif isinstance(route, Malformed):
             await self.refuse(send, 400, "malformed Host header")
         else:
@@ -116,26 +141,70 @@ class HostRouter:
     ) -> None:
         state = await proxy_state.current()
         target = state.table.lookup(route.key)
+        known_service = route.key.service in state.table.services
+        if target is None and known_service and settings.TENEMENT_REGISTER_ON_REQUEST:
+            target = await register_on_request(route.key)
         if target is None:
-            what = "tenant" if route.key.service in state.table.services else "service"
+            what = "tenant" if known_service else "service"
             await self.refuse(send, 404, f"no such {what}: {route.key}")
             return
+        await self.forward(state, target, None, host, scope, receive, send)
+
+    async def weighted(
+        self, route: Weighted, host: bytes, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        """`{service}.{domain}`: one instance by weight (0 never, failed skipped); the
+        chosen one is woken like any tenant. An optional cookie keeps a browser on it."""
+        state = await proxy_state.current()
+        if route.service not in state.table.services:
+            await self.refuse(send, 404, f"no such service: {route.service}")
+            return
+        chosen, set_cookie = choose(state, route.service, scope)
+        if chosen is None:
+            await self.refuse(
+                send, 503, f"no instance of {route.service} takes traffic (weight 0 or failed)"
+            )
+            return
+        key = InstanceKey(route.service, chosen)
+        target = state.table.lookup(key)
+        if target is None:  # the snapshot lists only registered instances; a race at most
+            await self.refuse(send, 503, f"{key} was just removed; try again")
+            return
+        if set_cookie is not None:
+            send = sticky_send(send, set_cookie)
+        await self.forward(state, target, chosen, host, scope, receive, send)
+
+    async def forward(
+        self,
+        state: proxy_state.ProxyState,
+        target: Target,
+        release: str | None,
+        host: bytes,
+        scope: dict[str, Any],
+        receive: Any,
+        send: Any,
+    ) -> None:
+        key = target.key
         if self.protocol == "websocket":
             await Tunnel(state, target, scope, receive, send, host).run()
             return
         # A request in flight is an open connection: a long poll or a download keeps the
         # instance awake until it ends.
-        state.opened(route.key)
+        state.opened(key)
         began = time.perf_counter()
         exchange = Exchange(state, target, scope, receive, send, host)
         try:
             await exchange.run()
         finally:
-            state.closed(route.key)
+            state.closed(key)
             took = time.perf_counter() - began
             if self.observe is not None:
-                self.observe(route.key, exchange.status, took)
-            self.timeline.request(route.key, took)
+                self.observe(key, exchange.status, took)
+            if self.observe_release is not None:
+                # After the exchange: a wake may have started it on a new release.
+                if name := release or state.release_of.get(key):
+                    self.observe_release(key.service, name, exchange.status)
+            self.timeline.request(key, took)
             if self.access_log:
                 log_access(exchange, scope, took)
 

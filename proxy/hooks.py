@@ -7,8 +7,9 @@
   nginx serves straight from its socket is not stopped for idleness. To a trusted proxy
   (TENEMENT_TRUSTED_PROXIES) the 204 also says where the tenant listens
   (`X-Tenement-Socket`), for `ten nginx --direct`'s `auth_request`.
-- `/_tenement/ask?domain=H`: Caddy's on-demand TLS `ask`: 200 when H is the control host
-  or a registered tenant, else 404, so certificates are only issued for our own names.
+- `/_tenement/ask?domain=H`: Caddy's on-demand TLS `ask`: 200 when H is the control host,
+  a registered tenant or a service's weighted host, else 404, so certificates are only
+  issued for our own names.
 
 Both answer from the proxy's in-memory routing snapshot: no database query.
 """
@@ -26,7 +27,7 @@ from proxy.forwarded import peer_of
 from proxy.limits import is_trusted
 from proxy.responses import plain
 from proxy.state import WakeRejected
-from routing.hosts import Control, MalformedHost, Tenant, resolve
+from routing.hosts import Control, MalformedHost, Tenant, Weighted, resolve
 
 PREFIX = "/_tenement/"
 
@@ -77,9 +78,12 @@ async def ask(scope: dict[str, Any], send: Any, domain: str) -> None:
         await plain(send, 400, f"malformed domain {host!r}")
         return
     known = isinstance(route, Control)
-    if isinstance(route, Tenant):
+    if isinstance(route, Tenant | Weighted):
         state = await proxy_state.current()
-        known = state.table.lookup(route.key) is not None
+        if isinstance(route, Tenant):
+            known = state.table.lookup(route.key) is not None
+        else:  # a service's weighted host
+            known = route.service in state.table.services
     if known:
         await empty(send, 200, [])
     else:

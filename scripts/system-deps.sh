@@ -26,6 +26,10 @@ case "$mode" in
     [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
     command -v caddy >/dev/null 2>&1 || missing+=(caddy)
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    # Upstream's multi-runtime example (run unchanged by the drop-in tests) has a Go app.
+    command -v go >/dev/null 2>&1 || missing+=(golang-go)
+    # The Node PORT-only test app's WebSockets (Debian's ws module, /usr/share/nodejs).
+    [[ -d /usr/share/nodejs/ws ]] || missing+=(node-ws)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

@@ -6,6 +6,7 @@ See the README's "Configuration" section for every variable.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -74,6 +75,14 @@ TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 # instance are held while it wakes (more get 503 with Retry-After).
 TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
+# Weighted service hosts ({service}.{domain}): a cookie of this name keeps a browser on the
+# instance it was first sent to (while that one keeps a weight); empty = per request.
+TENEMENT_STICKY_COOKIE = os.environ.get("TENEMENT_STICKY_COOKIE", "").strip()
+if TENEMENT_STICKY_COOKIE and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", TENEMENT_STICKY_COOKIE):
+    raise ImproperlyConfigured(
+        f"TENEMENT_STICKY_COOKIE={TENEMENT_STICKY_COOKIE!r}: a cookie name is 1 to 64 "
+        "letters, digits, '_', '.' or '-'"
+    )
 # On SIGTERM, in-flight requests get this many seconds to finish before they are cut
 # (a second signal cuts at once); then every instance is stopped.
 TENEMENT_DRAIN_TIMEOUT = env_seconds("TENEMENT_DRAIN_TIMEOUT", 10.0, maximum=3600)
@@ -84,6 +93,9 @@ TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 # /status always need a read token, except on the private `--metrics-bind` listener.
 TENEMENT_METRICS = env_bool("TENEMENT_METRICS", True)
 TENEMENT_METRICS_PER_INSTANCE = env_bool("TENEMENT_METRICS_PER_INSTANCE", False)
+# Upstream's wake of any id: a request for an unregistered tenant of a defined service
+# registers it. Off by default: anyone who can reach the proxy could create tenants.
+TENEMENT_REGISTER_ON_REQUEST = env_bool("TENEMENT_REGISTER_ON_REQUEST", False)
 if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
     # Accepted before: open metrics on loopback. Tenants share loopback, so it is refused.
     raise ImproperlyConfigured(

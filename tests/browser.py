@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -126,6 +127,13 @@ class Dashboard(Deployment):
     def tenant_get(self, key: str, path: str) -> tuple[int, bytes]:
         service, instance_id = key.split(":")
         return self.request(f"{instance_id}.{service}.localhost", path)
+
+    def request_json(self, method: str, path: str, body: object, token: str) -> tuple[int, object]:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        response, raw = http_request(
+            self.port, "localhost", path, method=method, body=json.dumps(body), headers=headers
+        )
+        return response.status, json.loads(raw) if raw else None
 
     def api_status(self, path: str, token: str) -> int:
         return self.request("localhost", path, {"Authorization": f"Bearer {token}"})[0]

@@ -80,6 +80,7 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         instance_charts=INSTANCE_CHARTS,
         charts_url=reverse("dashboard:charts-instance", args=[str(instance.key)]),
         grafana_url=settings.TENEMENT_GRAFANA_URL,
+        releases=list(instance.service.releases.exclude(state="retired").order_by("created_at")),
     )
     return render(request, "dashboard/detail.html", context)
 

@@ -36,7 +36,11 @@ class Command(OperatorCommand):
             self.report_check(config, options["file"])
             return
         ensure_migrated(self.stderr.write)
-        for line in apply_config(config).lines():
+        try:
+            report = apply_config(config)
+        except ConfigError as e:  # e.g. a pin to a release that does not exist
+            raise CommandError(str(e)) from None
+        for line in report.lines():
             self.stdout.write(line)
 
     def report_check(self, config: LoadedConfig, path: str) -> None:

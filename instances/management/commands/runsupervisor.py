@@ -146,7 +146,10 @@ class Command(BaseCommand):
             config = load_config(path, settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise CommandError(str(e)) from None
-        report = apply_config(config)
+        try:
+            report = apply_config(config)
+        except ConfigError as e:  # e.g. a pin to a release that does not exist
+            raise CommandError(str(e)) from None
         started = start_config_instances(config)
         self.stdout.write(f"Loaded {path}:")
         for line in report.lines():
