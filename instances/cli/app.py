@@ -7,7 +7,16 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, project, releases, tokens
+from instances.cli import (
+    configcheck,
+    install,
+    lifecycle,
+    logs,
+    project,
+    proxyconf,
+    releases,
+    tokens,
+)
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -412,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_releases,
     ):
         add(verbs)
+    proxyconf.add(verbs)
+    install.add(verbs)
     return parser
 
 
