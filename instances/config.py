@@ -7,6 +7,7 @@ mistyped key we refuse the file and say which key, where, and what was wrong.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pwd
 import re
@@ -29,6 +30,7 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UID_RANGE_RE = re.compile(r"(\d{1,10})-(\d{1,10})")
 CPU_MAX_RE = re.compile(r"(?:[1-9]\d{0,4}|0\.\d*[1-9]\d*|[1-9]\d{0,4}\.\d+)%")
 DEFAULT_UID_RANGE = "200000-265535"
+DEFAULT_PORT_RANGE = "30000-40000"  # upstream's
 # Below this are system users, login users and (on most hosts) subordinate-id ranges.
 MIN_TENANT_UID = 100_000
 HEALTH_PATH_RE = re.compile(r"/[\x21-\x7e]*")
@@ -83,9 +85,23 @@ MAX_SECONDS = 366 * 86400
 
 ServiceName = Annotated[str, AfterValidator(lambda v: check_label(v, "service name"))]
 InstanceId = Annotated[str, AfterValidator(check_label)]
+
+
+def _instance_entry(value: str) -> str:
+    """An [instances] entry: "ID", or "ID@RELEASE" to pin the tenant to a release."""
+    instance_id, sep, release = value.partition("@")
+    check_label(instance_id)
+    if sep:
+        check_label(release, "release name")
+    return value
+
+
+InstanceEntry = Annotated[str, AfterValidator(_instance_entry)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Template = Annotated[Text, _template(PLACEHOLDERS)]
-SocketTemplate = Annotated[Text, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
+# A socket or workdir is fixed before the process gets its port.
+SOCKET_PLACEHOLDERS = tuple(p for p in PLACEHOLDERS if p not in ("socket", "port"))
+SocketTemplate = Annotated[Text, _template(SOCKET_PLACEHOLDERS)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
@@ -100,6 +116,19 @@ class _Table(BaseModel):
 def _uid_range(value: str) -> str:
     parse_uid_range(value)
     return value
+
+
+def _port_range(value: str) -> str:
+    parse_port_range(value)
+    return value
+
+
+def parse_port_range(value: str) -> range:
+    """'30000-40000' -> range(30000, 40001): unprivileged loopback ports for $PORT."""
+    match = UID_RANGE_RE.fullmatch(value.strip())
+    if not match or not 1024 <= int(match[1]) <= int(match[2]) <= 65535:
+        raise ValueError('must be FIRST-LAST within 1024-65535, e.g. "30000-40000"')
+    return range(int(match[1]), int(match[2]) + 1)
 
 
 def parse_uid_range(value: str) -> range:
@@ -125,10 +154,12 @@ def _cpu_max(value: str) -> str:
 class SettingsTable(_Table):
     data_dir: Text = ""
     uid_range: Annotated[str, AfterValidator(_uid_range)] = DEFAULT_UID_RANGE
+    port_range: Annotated[str, AfterValidator(_port_range)] = DEFAULT_PORT_RANGE
     health_check_interval: PositiveSeconds = 10
     max_restarts: NonNegativeInt = 3
     restart_window: PositiveSeconds = 300
-    backoff_base_ms: PositiveInt = 1000
+    # 0 restarts at once (upstream's tests use it); max_restarts still bounds a crash loop.
+    backoff_base_ms: NonNegativeInt = 1000
     backoff_max_ms: PositiveInt = 60_000
     # Project-wide defaults for services that do not set their own.
     idle_timeout: Seconds | None = None
@@ -185,12 +216,15 @@ class ServiceTable(_Table):
     pids_max: Annotated[int, Field(ge=1, le=4_194_304)] | None = None
     storage_quota_mb: PositiveInt | None = None
     storage_persist: bool = True
+    # Upstream's policy for an exit nobody asked for (README "The supervisor").
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    listen: Literal["auto", "unix", "tcp"] = "auto"
 
 
 class ConfigTables(_Table):
     settings: SettingsTable = SettingsTable()
     service: dict[ServiceName, ServiceTable] = {}
-    instances: dict[str, list[InstanceId]] = {}
+    instances: dict[str, list[InstanceEntry]] = {}
 
 
 @dataclass
@@ -203,6 +237,8 @@ class LoadedConfig:
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
     instances: dict[str, list[str]] = field(default_factory=dict)
     always_on: dict[str, set[str]] = field(default_factory=dict)
+    # service -> {instance id: release} from "ID@RELEASE" entries in [instances]
+    pins: dict[str, dict[str, str]] = field(default_factory=dict)
     tls: TlsConfig | None = None  # [settings.tls] when enabled
 
     def instance_ids(self, name: str) -> list[str]:
@@ -224,10 +260,14 @@ def load_config(path: str | os.PathLike[str], default_data_dir: Path) -> LoadedC
         raise ConfigError(str(path), ["invalid TOML: not UTF-8 text"]) from None
     except ValueError as e:  # huge or nested too deeply
         raise ConfigError(str(path), [str(e)]) from None
+    refused = config_checks.refused_keys(raw)
     try:
         tables = ConfigTables.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(str(path), [_describe(err) for err in e.errors()]) from None
+        problems = refused + [_describe(err) for err in e.errors()]
+        raise ConfigError(str(path), problems) from None
+    if refused:
+        raise ConfigError(str(path), refused)
     config = _resolve(path.resolve(), tables, default_data_dir)
     problems = _cross_check(config, tables)
     if problems:
@@ -243,8 +283,54 @@ def _describe(err: Any) -> str:
         hint = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{loc}: unknown key{suggestion}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {err['input']!r})"
+    return f"{loc}: {_human(err)} (got {_toml_value(err['input'])})"
+
+
+# pydantic's wording ("Input should be a valid list") in the config's own terms.
+_TYPE_WORDS = {
+    "string_type": "must be text in quotes",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number, without a fraction",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": 'must be a list, e.g. ["a", "b"]',
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "finite_number": "must be a finite number",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "greater_than": ("gt", "must be more than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+    "less_than": ("lt", "must be less than {}"),
+}
+
+
+def _human(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _TYPE_WORDS:
+        return _TYPE_WORDS[kind]
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        name, words = _BOUNDS[kind]
+        bound = ctx[name]
+        return words.format(
+            int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        )
+    if kind == "literal_error" and "expected" in ctx:
+        return f"must be one of {ctx['expected'].replace(chr(39), chr(34))}"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _toml_value(value: Any) -> str:
+    """A value as it was written in TOML: true, "text", 5."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -279,8 +365,14 @@ def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> Loaded
         fields.update(data_dir=str(data_dir), config_dir=str(config_dir), source=str(path))
         config.services[name] = fields
         config.always_on[name] = set(svc.always_on)
-    for name, ids in tables.instances.items():
+    for name, entries in tables.instances.items():
+        ids = [entry.partition("@")[0] for entry in entries]
         config.instances[name] = list(dict.fromkeys(ids))
+        config.pins[name] = {
+            instance_id: release
+            for instance_id, _, release in (entry.partition("@") for entry in entries)
+            if release
+        }
     return config
 
 
@@ -320,6 +412,23 @@ def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
     return problems + config_checks.settings_problems(config, tables.settings)
 
 
+SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php", ".pl", ".jar"})
+
+
+def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
+    """The program, if given by path, and script files named by absolute path, that do not
+    exist. Paths under the tenants' data dir (made at start) or a mount are not checked."""
+    # Inside the sandbox a mount's destination holds its source: not a host path.
+    made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
+    paths = [argv[0]] if argv and "/" in argv[0] else []
+    paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
+    return [
+        p
+        for p in paths
+        if not any(root and p.startswith(root) for root in made_later) and not Path(p).exists()
+    ]
+
+
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
     problems = []
     spec = spec_from_fields(name, fields)
@@ -332,6 +441,11 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems.append(f"service.{name}.command: empty command (got {fields['command']!r})")
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
+    problems += [
+        f"service.{name}.command: {path!r} does not exist (a copied config whose paths "
+        "were relative to its old folder? use absolute paths)"
+        for path in _missing_files(argv, spec)
+    ]
     if fields.get("socket"):
         template_problems = _check_socket_template(name, fields["socket"], spec)
         if template_problems:
@@ -358,6 +472,12 @@ def _check_isolation(name: str, spec: ServiceSpec) -> list[str]:
     problems = []
     if spec.isolation == "sandbox":
         problems.append(f"{where}.isolation: {SANDBOX_UNSUPPORTED} (got 'sandbox')")
+    if spec.listen == "tcp" and spec.network == "none":
+        problems.append(
+            f"{where}.listen: 'tcp' cannot work with network = 'none': the app's loopback "
+            "is private to its sandbox, out of the proxy's reach; use listen = 'unix' "
+            "(the socket in $SOCKET_PATH) or network = 'host'"
+        )
     if spec.isolation == "process":
         if spec.network != "host":
             problems.append(
@@ -409,6 +529,8 @@ def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:
         workdir=fields.get("workdir", ""),
         config_dir=fields.get("config_dir", ""),
         inherit_env=fields.get("inherit_env", False),
+        restart=fields.get("restart", "on-failure"),
+        listen=fields.get("listen", "auto"),
         **isolation_fields(fields),
     )
 
@@ -419,9 +541,12 @@ def validate_service(name: str, data: Any, data_dir: Path) -> dict[str, Any]:
     Returns the model fields; raises ConfigError whose problems name `service.NAME.KEY`.
     """
     where = f"service {name!r}"
+    raw = {"service": {name: dict(data) if isinstance(data, dict) else data}}
+    if refused := config_checks.refused_keys(raw):
+        raise ConfigError(where, refused)
     try:
         check_label(name, "service name")
-        tables = ConfigTables.model_validate({"service": {name: data}})
+        tables = ConfigTables.model_validate(raw)
     except ValueError as e:
         errors = e.errors() if isinstance(e, ValidationError) else None
         problems = [_describe(err) for err in errors] if errors else [f"service: {e}"]

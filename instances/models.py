@@ -47,6 +47,10 @@ class Service(models.Model):
     pids_max = models.PositiveIntegerField(null=True, blank=True)
     storage_quota_mb = models.PositiveIntegerField(null=True, blank=True)
     storage_persist = models.BooleanField(default=True)
+    # Upstream's restart policy: always | on-failure | never (see README "The supervisor").
+    restart = models.CharField(max_length=16, default="on-failure")
+    # Where readiness and proxying go: auto (whichever the app opened) | unix | tcp.
+    listen = models.CharField(max_length=8, default="auto")
     # Where the definition came from, so a config reload never clobbers API-made services.
     source = models.CharField(max_length=255, blank=True)
     config_dir = models.TextField(blank=True)
@@ -71,6 +75,8 @@ class SupervisorSettings(models.Model):
     backoff_max_ms = models.PositiveIntegerField(default=60_000)
     # Tenants' own uids come from this range when the supervisor runs as root.
     uid_range = models.CharField(max_length=32, default="200000-265535")
+    # Loopback ports handed out as $PORT, one per running instance.
+    port_range = models.CharField(max_length=32, default="30000-40000")
     config_path = models.TextField(blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -110,6 +116,8 @@ class Instance(models.Model):
     # With pid, identifies our process across a supervisor crash even if the pid is reused.
     pid_create_time = models.FloatField(null=True, blank=True)
     socket_path = models.TextField(blank=True)
+    # The loopback port given to the running process as $PORT (None when not running).
+    port = models.IntegerField(null=True, blank=True)
     # The tenant's own uid (stable: its data dir belongs to it) and how it last ran.
     uid = models.IntegerField(null=True, blank=True, unique=True)
     isolation = models.CharField(max_length=200, blank=True)
@@ -120,6 +128,13 @@ class Instance(models.Model):
     last_error = models.TextField(blank=True)
     health_ok = models.BooleanField(null=True)
     health_checked_at = models.DateTimeField(null=True, blank=True)
+    # Upstream's per-instance traffic share on the weighted host {service}.{domain}.
+    weight = models.PositiveSmallIntegerField(default=100)
+    # A pinned release (beta customers): wins over the service's weights; blank = follow.
+    release = models.CharField(max_length=63, blank=True, validators=[label_validator])
+    # The release its process last became healthy on: where a failed start falls back to.
+    # (Written by the supervisor with .update(), so it never looks like an operator change.)
+    last_release = models.CharField(max_length=63, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
@@ -226,3 +241,59 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.scope})"
+
+
+class Release(models.Model):
+    """One version of a multi-tenant service: overrides on top of its definition.
+
+    The service's own definition is its first release (made when the second is created).
+    Releases share tenant data: a tenant moves between them, never runs on two at once.
+    """
+
+    class State(models.TextChoices):
+        ACTIVE = "active"
+        DRAINING = "draining"  # weight 0 after a switch away; tenants move off as they wake
+        RETIRED = "retired"
+        FAILED = "failed"
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="releases")
+    name = models.CharField(max_length=63, validators=[label_validator])
+    # Blank or null: the service's own value.
+    command = models.TextField(blank=True)
+    args = models.JSONField(null=True, blank=True)
+    env = models.JSONField(default=dict, blank=True)  # merged over the service's env
+    health = models.CharField(max_length=255, blank=True)
+    weight = models.PositiveSmallIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        ordering = ["service__name", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["service", "name"], name="unique_release"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.service.name}@{self.name}"
+
+
+class ReleaseChange(models.Model):
+    """The audit trail of releases and weights: who changed what, from what, to what."""
+
+    service = models.CharField(max_length=63, db_index=True)
+    release = models.CharField(max_length=63, blank=True)
+    instance = models.CharField(max_length=63, blank=True)  # a pin or an instance weight
+    kind = models.CharField(max_length=32)
+    actor = models.CharField(max_length=150, blank=True)
+    from_value = models.CharField(max_length=255, blank=True)
+    to_value = models.CharField(max_length=255, blank=True)
+    message = models.TextField(blank=True)
+    time = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.service}: {self.from_value} -> {self.to_value}"

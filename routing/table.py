@@ -26,7 +26,11 @@ class RoutingTable:
     targets: dict[InstanceKey, Target] = field(default_factory=dict)
     # Instances running and ready when the snapshot was taken: key -> socket path.
     running: dict[InstanceKey, str] = field(default_factory=dict)
-    # Tenants' own domains (routing.Domain, verified ones only): host -> instance.
+    # The weighted host's candidates: service -> ((instance id, weight), ...), weight > 0.
+    weighted: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # The release each instance last ran healthy on (until the supervisor says otherwise).
+    releases: dict[InstanceKey, str] = field(default_factory=dict)
+    # Tenants' own domains (routing.Domain, routed ones only): host -> instance.
     domains: dict[str, InstanceKey] = field(default_factory=dict)
 
     def lookup(self, key: InstanceKey) -> Target | None:
@@ -37,22 +41,32 @@ class RoutingTable:
         return None if key is None else self.targets.get(key)
 
 
+Row = tuple[str, str, float, float, str, str, int, str]
+
+
 def build(
-    rows: list[tuple[str, str, float, float, str, str]],
+    rows: list[Row],
     services: list[str],
     domains: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
 ) -> RoutingTable:
-    """From (service, id, request_timeout, wake_timeout, state, socket_path) rows and
-    (domain, service, id) rows."""
+    """From (service, id, request_timeout, wake_timeout, state, socket_path, weight,
+    last_release) rows and (domain, service, id) rows."""
     targets: dict[InstanceKey, Target] = {}
     running: dict[InstanceKey, str] = {}
-    for service, instance_id, request_timeout, wake_timeout, state, socket_path in rows:
+    weighted: dict[str, list[tuple[str, int]]] = {}
+    releases: dict[InstanceKey, str] = {}
+    for service, instance_id, request_timeout, wake_timeout, state, socket, weight, rel in rows:
         key = InstanceKey(service, instance_id)
         targets[key] = Target(key, request_timeout, wake_timeout)
-        if state == "running" and socket_path:
-            running[key] = socket_path
+        if state == "running" and socket:
+            running[key] = socket
+        if weight > 0:
+            weighted.setdefault(service, []).append((instance_id, weight))
+        if rel:
+            releases[key] = rel
+    frozen = {service: tuple(found) for service, found in weighted.items()}
     by_domain = {name: InstanceKey(service, instance_id) for name, service, instance_id in domains}
-    return RoutingTable(frozenset(services), targets, running, by_domain)
+    return RoutingTable(frozenset(services), targets, running, frozen, releases, by_domain)
 
 
 @sync_to_async
@@ -70,6 +84,8 @@ def load() -> RoutingTable:
         "service__wake_timeout",
         "state",
         "socket_path",
+        "weight",
+        "last_release",
     )
     domains = Domain.objects.filter(ROUTED).values_list(
         "name", "instance__service__name", "instance__instance_id"

@@ -77,16 +77,16 @@ class Monitor:
         """One health check against the spec the process was started with."""
         spec = rt.run_spec
         try:
-            return await health.check(spec.socket_path(rt.key.instance_id), spec.health, timeout)
+            return await health.check(rt.upstream, spec.health, timeout)
         except Exception as e:  # a bad path or template must fail the check, not the loop
             return health.HealthResult(False, f"cannot run the health check: {e}")
 
     def health_passed(self: Supervisor, rt: Runtime) -> None:
         rt.health_failures = 0
-        if rt.health_ok is not True:
-            rt.health_ok = True
-            fields = {"health_ok": True, "health_checked_at": timezone.now()}
-            self.outbox.put("health", store.update, rt.pk, **fields)
+        rt.health_ok = True
+        # Every check, not only changes: "checked at" must say when it was last looked at.
+        fields = {"health_ok": True, "health_checked_at": timezone.now()}
+        self.outbox.put("health", store.update, rt.pk, **fields)
 
     def health_failed(self: Supervisor, rt: Runtime, detail: str) -> None:
         rt.health_failures += 1

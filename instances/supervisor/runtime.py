@@ -16,7 +16,7 @@ State = Instance.State
 Desired = Instance.Desired
 
 # Stops we asked for; any other exit is a failure and goes through the restart policy.
-EXPECTED_STOPS = frozenset({"idle", "manual", "shutdown", "removed", "restart"})
+EXPECTED_STOPS = frozenset({"idle", "manual", "shutdown", "removed", "restart", "release"})
 
 
 @dataclass
@@ -33,6 +33,10 @@ class Runtime:
     seen_version: datetime | None = None
     proc: asyncio.subprocess.Process | None = None
     cgroup: InstanceCgroup | None = None
+    # $PORT of the current process, and where it was found listening once ready (its
+    # Unix socket path or tcp:127.0.0.1:PORT): health checks and the proxy go there.
+    port: int | None = None
+    address: str = ""
     # The tenant's own uid (stored in its row), allocated on its first start as root.
     uid: int | None = None
     # The last storage_quota_mb threshold crossed (0, 80 or 100 percent).
@@ -55,6 +59,13 @@ class Runtime:
     # Bumped to cancel the wakes in flight (an operator stop, a deregistration), and why.
     wake_epoch: int = 0
     wake_cancelled: str = ""
+    # Releases (routing/releases.py): the one its process runs (or last ran), the one it
+    # last became healthy on, its pin, and those it failed to start on (name -> version).
+    release: str = ""
+    last_good: str = ""
+    pin: str = ""
+    skip: dict[str, str] = field(default_factory=dict)
+    weight: int = 100
     # Set while the instance is running and ready.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Replaced on every state change; waiters hold the old one, which gets set.
@@ -63,6 +74,10 @@ class Runtime:
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    @property
+    def upstream(self) -> str:
+        return self.address or self.run_spec.socket_path(self.key.instance_id)
 
     @property
     def run_spec(self) -> ServiceSpec:

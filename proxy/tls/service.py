@@ -16,7 +16,7 @@ from proxy.tls.challenge import http_side
 from proxy.tls.config import TlsConfig
 from proxy.tls.listener import TlsServer
 from proxy.tls.manager import CertManager
-from routing.hosts import MalformedHost, Tenant, resolve
+from routing.hosts import MalformedHost, Tenant, Weighted, resolve
 
 if TYPE_CHECKING:
     from instances.supervisor import Supervisor
@@ -41,6 +41,8 @@ def names_resolver(config: TlsConfig) -> Callable[[str], Awaitable[tuple[str, ..
             if config.wildcard:
                 return (f"*.{route.key.service}.{config.domain}",)
             return (name,)
+        if isinstance(route, Weighted) and route.service in state.table.services:
+            return (name,)  # a service's weighted host, {service}.{domain}
         if state.table.domain_target(name) is not None:
             return (name,)
         return None

@@ -11,12 +11,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from instances.config import ConfigError, load_config
-from instances.management.base import ensure_migrated
+from instances import systemd
+from instances.config import ConfigError, LoadedConfig, load_config
+from instances.management.base import ensure_migrated, tenement_version
 from instances.supervisor import Supervisor
 from instances.supervisor.cgroups import release as release_cgroups
 from instances.supervisor.isolation import host, isolation_report, mask, mask_dir
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
+from instances.supervisor.sampling import sample_loop
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
 from proxy.tls import service as tls_service
@@ -30,6 +32,9 @@ class Command(BaseCommand):
         "Run tenement: the supervisor (spawn, health-check, restart, idle-stop every instance) "
         "and the HTTP server, in one process. Stops every instance on SIGTERM/SIGINT."
     )
+
+    def get_version(self) -> str:
+        return tenement_version()
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
@@ -85,18 +90,29 @@ class Command(BaseCommand):
             raise CommandError(str(e)) from None
 
     def run(self, options: dict[str, Any]) -> None:
-        if not options["no_migrate"]:
-            ensure_migrated(self.stdout.write)
-        tls = self.load(options["config"]) if options["config"] else None
+        # Read (not yet applied) first: [settings.tls] decides which listeners there are.
+        config = self.read(options["config"]) if options["config"] else None
+        # Listen first: a port in use stops us before the database or any instance is
+        # touched (the [instances] of --config would otherwise be marked to start).
         extra = {}
         if not options["no_http"]:
-            extra.update(self.listeners(options, tls))
-            self.hint_login()
+            extra.update(self.listeners(options, config.tls if config else None))
         elif options["https_bind"]:
             raise CommandError("--https-bind needs the HTTP server: drop --no-http")
         if options["metrics_bind"]:
             extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
+        if not options["no_migrate"]:
+            ensure_migrated(self.stdout.write)
+        if config is not None:
+            self.load(config)
+        if not options["no_http"]:
+            # The dashboard's charts: this process serves both the proxy and the pages.
+            extra["tenement-timeline"] = sample_loop
+            self.hint_login()
         self.report_isolation()
+        if (notify := systemd.from_environment()) is not None:
+            # Type=notify: READY and WATCHDOG follow /health's checks.
+            extra["tenement-systemd"] = systemd.task(*notify)
         drain = frozenset({"tenement-http", "tenement-https", "tenement-metrics-http"})
         supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -162,18 +178,22 @@ class Command(BaseCommand):
                 "No staff account yet: run `manage.py createsuperuser` to log in to the dashboard."
             )
 
-    def load(self, path: str) -> TlsConfig | None:
+    def read(self, path: str) -> LoadedConfig:
         try:
-            config = load_config(path, settings.TENEMENT_DATA_DIR)
+            return load_config(path, settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise CommandError(str(e)) from None
-        report = apply_config(config)
+
+    def load(self, config: LoadedConfig) -> None:
+        try:
+            report = apply_config(config)
+        except ConfigError as e:  # e.g. a pin to a release that does not exist
+            raise CommandError(str(e)) from None
         started = start_config_instances(config)
-        self.stdout.write(f"Loaded {path}:")
+        self.stdout.write(f"Loaded {config.path}:")
         for line in report.lines():
             self.stdout.write(f"  {line}")
         self.stdout.write(f"  starting {started} instance(s) listed in [instances]")
-        return config.tls
 
 
 def exit_now_if_stuck(code: int) -> None:
