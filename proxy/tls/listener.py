@@ -25,6 +25,7 @@ from proxy.tls.manager import CertManager
 
 log = logging.getLogger("tenement.tls")
 
+LISTEN_BACKLOG = 2048  # as asyncio's servers (the plain HTTP listener) use
 MAX_HELLO = 16 * 1024 + 5  # one TLS record: a ClientHello that needs more is not one
 PEEK_RETRY = 0.005  # seconds between peeks while the rest of a ClientHello is in flight
 
@@ -114,6 +115,8 @@ class TlsListener:
         self.task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
+        # bind_socket() leaves listening to the server, once start-up is done.
+        self.sock.listen(LISTEN_BACKLOG)
         self.sock.setblocking(False)
         self.task = asyncio.create_task(self.accept_loop(), name="tenement-https-accept")
 

@@ -86,6 +86,10 @@ class TlsDeployment(Deployment):
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
 
+    def log_tail(self, lines: int = 60) -> str:
+        logs = sorted(self.root.glob("supervisor-*.log"))
+        return "\n".join("\n".join(p.read_text().splitlines()[-lines:]) for p in logs)
+
     def context(self) -> ssl.SSLContext:
         return tls_client_context(self.pebble.root_pem())
 
@@ -160,3 +164,5 @@ def deployment(short_tmp: Path, pebble: Pebble) -> Iterator[TlsDeployment]:
         yield d
     finally:
         d.cleanup()
+        # Shown by pytest only when the test failed.
+        print(d.log_tail(), pebble.logs(), sep="\n")
