@@ -417,16 +417,23 @@ SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php",
 
 def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
     """The program, if given by path, and script files named by absolute path, that do not
-    exist. Paths under the tenants' data dir (made at start) or a mount are not checked."""
+    exist. A relative program is looked up where it will run (the working directory: the
+    config file's folder unless `workdir` says otherwise). Paths under the tenants' data
+    dir (made at start) or a mount are not checked, nor any that depend on the tenant."""
     # Inside the sandbox a mount's destination holds its source: not a host path.
     made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
     paths = [argv[0]] if argv and "/" in argv[0] else []
     paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
-    return [
-        p
-        for p in paths
-        if not any(root and p.startswith(root) for root in made_later) and not Path(p).exists()
-    ]
+    # Two tenants' working directories differ only if it names the tenant: then unknown.
+    cwd = spec.cwd("x") if spec.cwd("x") == spec.cwd("y") else None
+    missing = []
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else (cwd / p if cwd else None)
+        if full is None or any(root and str(full).startswith(root) for root in made_later):
+            continue
+        if not full.exists():
+            missing.append(p)
+    return missing
 
 
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
@@ -442,8 +449,8 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
     problems += [
-        f"service.{name}.command: {path!r} does not exist (a copied config whose paths "
-        "were relative to its old folder? use absolute paths)"
+        f"service.{name}.command: {path!r} does not exist (relative paths are looked up in "
+        "the config file's folder, or `workdir`; a copied config? use absolute paths)"
         for path in _missing_files(argv, spec)
     ]
     if fields.get("socket"):
