@@ -57,7 +57,7 @@ def test_names_refused(raw: str, why: str) -> None:
 
 def test_routing_table_maps_domains() -> None:
     built = table.build(
-        [("notes", "alice", 30.0, 30.0, "running", "/s")],
+        [("notes", "alice", 30.0, 30.0, "running", "/s", 0, "")],
         ["notes"],
         [("notes.alice-corp.com", "notes", "alice"), ("gone.example.org", "notes", "zed")],
     )
