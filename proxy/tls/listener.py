@@ -28,6 +28,7 @@ log = logging.getLogger("tenement.tls")
 LISTEN_BACKLOG = 2048  # as asyncio's servers (the plain HTTP listener) use
 MAX_HELLO = 16 * 1024 + 5  # one TLS record: a ClientHello that needs more is not one
 PEEK_RETRY = 0.005  # seconds between peeks while the rest of a ClientHello is in flight
+ACCEPT_RETRY = 0.1  # seconds after a failed accept() (out of descriptors)
 
 
 class NotTls(Exception):
@@ -134,7 +135,15 @@ class TlsListener:
     async def accept_loop(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            conn, address = await loop.sock_accept(self.sock)
+            try:
+                conn, address = await loop.sock_accept(self.sock)
+            except OSError as e:
+                # Out of descriptors (EMFILE) or a client gone before accept: keep serving,
+                # as asyncio's own servers do, after a pause that lets descriptors free up.
+                if (held := log_throttle.allow("tls-accept")) is not None:
+                    log.warning("TLS accept failed: %s (%d more not logged)", e, held)
+                await asyncio.sleep(ACCEPT_RETRY)
+                continue
             slot = self.gate.admit(address[0] if isinstance(address, tuple) else None)
             if isinstance(slot, str):
                 # No plaintext answer fits a TLS client: refused before any handshake work.
