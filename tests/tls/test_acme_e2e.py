@@ -57,10 +57,17 @@ def test_control_host_then_tenant_on_first_handshake(deployment: TlsDeployment) 
         ws.send("hello over tls")
         assert ws.recv(timeout=10) == "hello over tls"
 
+    # The service's weighted host ({service}.{domain}, releases) is ours too.
+    response, _, _ = deployment.https(f"web.{DOMAIN}", "/whoami")
+    assert response.status in (200, 404, 503), response.status  # the handshake verified
+    assert deployment.pebble.orders_seen() == 3
+
     # A name nobody registered gets no order: the self-signed fallback, not verified.
     with pytest.raises(ssl.SSLCertVerificationError):
         deployment.https(f"mallory.web.{DOMAIN}", "/")
-    assert deployment.pebble.orders_seen() == 2
+    with pytest.raises(ssl.SSLCertVerificationError):
+        deployment.https(f"nosuchservice.{DOMAIN}", "/")
+    assert deployment.pebble.orders_seen() == 3
 
     # The metrics: each certificate's expiry, and the orders by outcome.
     status, _, raw = deployment.private_get("/metrics")
@@ -70,21 +77,21 @@ def test_control_host_then_tenant_on_first_handshake(deployment: TlsDeployment) 
         s.labels["name"]: s.value
         for s in families["tenement_tls_certificate_expiry_seconds"].samples
     }
-    assert set(expiry) == {DOMAIN, ALICE}
+    assert set(expiry) == {DOMAIN, ALICE, f"web.{DOMAIN}"}
     assert all(value > time.time() + 86400 for value in expiry.values())  # Unix time
     orders = {
         s.labels["outcome"]: s.value
         for s in families["tenement_acme_orders"].samples
         if s.name == "tenement_acme_orders_total"
     }
-    assert orders == {"issued": 2.0}
+    assert orders == {"issued": 3.0}
 
     # The cache: 0700, files 0600, owned by the supervisor's user.
     cache = deployment.data / "acme"
     assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
     files = [p for p in cache.rglob("*") if p.is_file()]
     assert any(p.name == "account.key" for p in files)
-    assert len([p for p in files if p.suffix == ".crt"]) >= 3  # control, alice, fallback
+    assert len([p for p in files if p.suffix == ".crt"]) >= 4  # control, alice, web, fallback
     for path in files:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o600, path
 
