@@ -27,6 +27,7 @@ bench: $(VENV)/.installed-dev $(TEN)
 	$(VENV)/bin/python bench/supervisor_idle.py
 	$(VENV)/bin/python bench/isolation.py
 	$(VENV)/bin/python bench/proxy.py
+	$(VENV)/bin/python bench/tcp.py
 	$(VENV)/bin/python bench/log_search.py
 	$(VENV)/bin/python bench/dashboard.py
 	$(VENV)/bin/python bench/metrics_overhead.py

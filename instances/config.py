@@ -27,6 +27,7 @@ ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UID_RANGE_RE = re.compile(r"(\d{1,10})-(\d{1,10})")
 CPU_MAX_RE = re.compile(r"(?:[1-9]\d{0,4}|0\.\d*[1-9]\d*|[1-9]\d{0,4}\.\d+)%")
 DEFAULT_UID_RANGE = "200000-265535"
+DEFAULT_PORT_RANGE = "30000-40000"  # upstream's
 # Below this are system users, login users and (on most hosts) subordinate-id ranges.
 MIN_TENANT_UID = 100_000
 HEALTH_PATH_RE = re.compile(r"/[\x21-\x7e]*")
@@ -95,7 +96,9 @@ def _instance_entry(value: str) -> str:
 InstanceEntry = Annotated[str, AfterValidator(_instance_entry)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Template = Annotated[Text, _template(PLACEHOLDERS)]
-SocketTemplate = Annotated[Text, _template(tuple(p for p in PLACEHOLDERS if p != "socket"))]
+# A socket or workdir is fixed before the process gets its port.
+SOCKET_PLACEHOLDERS = tuple(p for p in PLACEHOLDERS if p not in ("socket", "port"))
+SocketTemplate = Annotated[Text, _template(SOCKET_PLACEHOLDERS)]
 Seconds = Annotated[float, Field(ge=0, le=MAX_SECONDS)]
 PositiveSeconds = Annotated[float, Field(gt=0, le=MAX_SECONDS)]
 PositiveInt = Annotated[int, Field(gt=0, le=MAX_INT)]
@@ -110,6 +113,19 @@ class _Table(BaseModel):
 def _uid_range(value: str) -> str:
     parse_uid_range(value)
     return value
+
+
+def _port_range(value: str) -> str:
+    parse_port_range(value)
+    return value
+
+
+def parse_port_range(value: str) -> range:
+    """'30000-40000' -> range(30000, 40001): unprivileged loopback ports for $PORT."""
+    match = UID_RANGE_RE.fullmatch(value.strip())
+    if not match or not 1024 <= int(match[1]) <= int(match[2]) <= 65535:
+        raise ValueError('must be FIRST-LAST within 1024-65535, e.g. "30000-40000"')
+    return range(int(match[1]), int(match[2]) + 1)
 
 
 def parse_uid_range(value: str) -> range:
@@ -135,10 +151,12 @@ def _cpu_max(value: str) -> str:
 class SettingsTable(_Table):
     data_dir: Text = ""
     uid_range: Annotated[str, AfterValidator(_uid_range)] = DEFAULT_UID_RANGE
+    port_range: Annotated[str, AfterValidator(_port_range)] = DEFAULT_PORT_RANGE
     health_check_interval: PositiveSeconds = 10
     max_restarts: NonNegativeInt = 3
     restart_window: PositiveSeconds = 300
-    backoff_base_ms: PositiveInt = 1000
+    # 0 restarts at once (upstream's tests use it); max_restarts still bounds a crash loop.
+    backoff_base_ms: NonNegativeInt = 1000
     backoff_max_ms: PositiveInt = 60_000
     # Project-wide defaults for services that do not set their own.
     idle_timeout: Seconds | None = None
@@ -193,6 +211,9 @@ class ServiceTable(_Table):
     pids_max: Annotated[int, Field(ge=1, le=4_194_304)] | None = None
     storage_quota_mb: PositiveInt | None = None
     storage_persist: bool = True
+    # Upstream's policy for an exit nobody asked for (README "The supervisor").
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+    listen: Literal["auto", "unix", "tcp"] = "auto"
 
 
 class ConfigTables(_Table):
@@ -233,10 +254,14 @@ def load_config(path: str | os.PathLike[str], default_data_dir: Path) -> LoadedC
         raise ConfigError(str(path), ["invalid TOML: not UTF-8 text"]) from None
     except ValueError as e:  # huge or nested too deeply
         raise ConfigError(str(path), [str(e)]) from None
+    refused = config_checks.refused_keys(raw)
     try:
         tables = ConfigTables.model_validate(raw)
     except ValidationError as e:
-        raise ConfigError(str(path), [_describe(err) for err in e.errors()]) from None
+        problems = refused + [_describe(err) for err in e.errors()]
+        raise ConfigError(str(path), problems) from None
+    if refused:
+        raise ConfigError(str(path), refused)
     config = _resolve(path.resolve(), tables, default_data_dir)
     problems = _cross_check(config, tables)
     if problems:
@@ -363,6 +388,12 @@ def _check_isolation(name: str, spec: ServiceSpec) -> list[str]:
     problems = []
     if spec.isolation == "sandbox":
         problems.append(f"{where}.isolation: {SANDBOX_UNSUPPORTED} (got 'sandbox')")
+    if spec.listen == "tcp" and spec.network == "none":
+        problems.append(
+            f"{where}.listen: 'tcp' cannot work with network = 'none': the app's loopback "
+            "is private to its sandbox, out of the proxy's reach; use listen = 'unix' "
+            "(the socket in $SOCKET_PATH) or network = 'host'"
+        )
     if spec.isolation == "process":
         if spec.network != "host":
             problems.append(
@@ -414,6 +445,8 @@ def spec_from_fields(name: str, fields: dict[str, Any]) -> ServiceSpec:
         workdir=fields.get("workdir", ""),
         config_dir=fields.get("config_dir", ""),
         inherit_env=fields.get("inherit_env", False),
+        restart=fields.get("restart", "on-failure"),
+        listen=fields.get("listen", "auto"),
         **isolation_fields(fields),
     )
 
@@ -424,9 +457,12 @@ def validate_service(name: str, data: Any, data_dir: Path) -> dict[str, Any]:
     Returns the model fields; raises ConfigError whose problems name `service.NAME.KEY`.
     """
     where = f"service {name!r}"
+    raw = {"service": {name: dict(data) if isinstance(data, dict) else data}}
+    if refused := config_checks.refused_keys(raw):
+        raise ConfigError(where, refused)
     try:
         check_label(name, "service name")
-        tables = ConfigTables.model_validate({"service": {name: data}})
+        tables = ConfigTables.model_validate(raw)
     except ValueError as e:
         errors = e.errors() if isinstance(e, ValidationError) else None
         problems = [_describe(err) for err in errors] if errors else [f"service: {e}"]

@@ -19,20 +19,48 @@ if TYPE_CHECKING:
 # Folders the control plane keeps (or may keep) in the data dir beside the service trees
 # ({data_dir}/{service}/{id}): a service of that name would mix tenant data into them.
 RESERVED_NAMES = frozenset({"run", "static", "staticfiles", "media", "acme", "certs", "tmp"})
-# Set by tenement for every instance; an `env` entry would be ignored or make tenants of
-# two services share a directory (upstream's DATA_DIR = "{data_dir}/{id}").
+# Set by tenement for every instance. Upstream configs set some of them themselves (its
+# examples: DATA_DIR = "{data_dir}/pyapi/{id}", INSTANCE_ID = "{id}"): an entry that names
+# the same value is accepted; any other would be ignored or make tenants of two services
+# share a directory (DATA_DIR = "{data_dir}/{id}"), so it is refused.
 RESERVED_ENV = {
     "SOCKET_PATH": "the socket tenement gives the instance (set `socket` instead)",
     "DATA_DIR": "the tenant's own directory, {data_dir}/{name}/{id}",
     "INSTANCE_ID": "the tenant id",
     "SERVICE_NAME": "the service name",
+    "PORT": "the loopback port tenement gives the instance ({port})",
 }
+VM_REFUSAL = (
+    'firecracker and qemu VMs are not supported; use isolation = "namespace" (bubblewrap: '
+    "own uid, PID and mount namespaces) with memory_limit_mb, cpu_max and pids_max, and "
+    "remove the VM keys"
+)
+# Upstream 0.2.x keys we do not implement: refused with why and what to use instead.
+# (Path in the file -> message.) A key that gains support moves to the loader's models.
+REFUSED_SETTINGS = {
+    "tls": (
+        "TLS through ACME is not supported by this version; terminate TLS in a reverse "
+        'proxy in front of tenement (Caddy or nginx, README "Deployment") and remove '
+        "[settings.tls]"
+    ),
+}
+REFUSED_TOP = {
+    "routing": (
+        "[routing] is not supported: each tenant is reached at {id}.{service}.{domain}; "
+        "put path or custom-host rules in a reverse proxy in front, and remove [routing]"
+    ),
+}
+VM_KEYS = ("kernel", "rootfs", "memory_mb", "vcpus", "vsock_port")
+REFUSED_SERVICE = dict.fromkeys(VM_KEYS, VM_REFUSAL)
+VM_ISOLATION = ("firecracker", "qemu")
 # Never a data dir: the instance folders would be created among the system's own.
 _TOP = "bin boot dev etc home lib lib64 proc root run sbin srv sys tmp usr var"
 SYSTEM_DIRS = frozenset(["/", *(f"/{d}" for d in _TOP.split())])
 # Below these a healthy app fails (a health check's timeout is its interval, up to 5 s)
 # or the supervisor spins.
 SETTINGS_MINIMUMS = {"health_check_interval": 0.5, "restart_window": 1.0, "backoff_base_ms": 10}
+# ... or exactly this: backoff_base_ms = 0 restarts at once (upstream's e2e config).
+SETTINGS_ZERO_OK = {"backoff_base_ms"}
 SERVICE_MINIMUMS = {
     "startup_timeout": 0.1,
     "request_timeout": 0.1,
@@ -55,6 +83,31 @@ def read_toml(path: Path) -> dict[str, Any]:
         raise ValueError("invalid TOML: arrays or tables nested too deeply") from None
 
 
+def refused_keys(raw: dict[str, Any]) -> list[str]:
+    """Upstream keys we refuse, each with the reason; removed from `raw` so the strict
+    models report only what is left (typos keep their "unknown key")."""
+    problems = []
+    for key, why in REFUSED_TOP.items():
+        if raw.pop(key, None) is not None:
+            problems.append(f"{key}: {why}")
+    settings = raw.get("settings")
+    if isinstance(settings, dict):
+        for key, why in REFUSED_SETTINGS.items():
+            if settings.pop(key, None) is not None:
+                problems.append(f"settings.{key}: {why}")
+    services = raw.get("service")
+    for name, table in services.items() if isinstance(services, dict) else ():
+        if not isinstance(table, dict):
+            continue
+        for key, why in REFUSED_SERVICE.items():
+            if table.pop(key, None) is not None:
+                problems.append(f"service.{name}.{key}: {why}")
+        if table.get("isolation") in VM_ISOLATION:
+            problems.append(f"service.{name}.isolation: {VM_REFUSAL} (got {table['isolation']!r})")
+            table.pop("isolation")
+    return problems
+
+
 def settings_problems(config: LoadedConfig, settings: SettingsTable) -> list[str]:
     problems = []
     if str(config.data_dir) in SYSTEM_DIRS:
@@ -64,8 +117,11 @@ def settings_problems(config: LoadedConfig, settings: SettingsTable) -> list[str
         )
     for key, minimum in SETTINGS_MINIMUMS.items():
         value = getattr(settings, key)
+        if value == 0 and key in SETTINGS_ZERO_OK:
+            continue
         if value < minimum:
-            problems.append(f"settings.{key}: must be at least {minimum} (got {value!r})")
+            zero = " or 0 (at once)" if key in SETTINGS_ZERO_OK else ""
+            problems.append(f"settings.{key}: must be at least {minimum}{zero} (got {value!r})")
     return problems + distinct_sockets(config)
 
 
@@ -79,13 +135,37 @@ def service_problems(
             f"(reserved: {', '.join(sorted(RESERVED_NAMES))})"
         )
     for key in sorted(set(fields.get("env") or {}) & set(RESERVED_ENV)):
-        problems.append(
-            f"service.{name}.env.{key}: set by tenement to {RESERVED_ENV[key]}; remove it"
-        )
+        if not _same_as_ours(key, spec):
+            problems.append(
+                f"service.{name}.env.{key}: set by tenement to {RESERVED_ENV[key]}; remove "
+                "it (an entry naming that same value is accepted)"
+            )
     problems += minimums(name, fields)
     for instance_id in dict.fromkeys([SAMPLE_ID, *ids]):
         problems += path_problems(name, fields, spec, instance_id)
     return list(dict.fromkeys(problems))  # the same finding for every id once
+
+
+def _same_as_ours(key: str, spec: ServiceSpec) -> bool:
+    """Whether an env entry for a variable we set names our value for every tenant."""
+    from instances.interpolate import TemplateError, interpolate
+
+    template = dict(spec.env)[key]
+    for instance_id, port in (("a", 30001), ("b-2", 30002)):
+        ours = {
+            "SOCKET_PATH": spec.app_socket_path(instance_id),
+            "DATA_DIR": str(spec.instance_dir(instance_id)),
+            "INSTANCE_ID": instance_id,
+            "SERVICE_NAME": spec.name,
+            "PORT": str(port),
+        }[key]
+        values = spec.values(instance_id, spec.app_socket_path(instance_id), port)
+        try:
+            if os.path.normpath(interpolate(template, values)) != ours:
+                return False
+        except TemplateError:
+            return False
+    return True
 
 
 def minimums(name: str, fields: dict[str, Any]) -> list[str]:

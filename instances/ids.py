@@ -12,6 +12,14 @@ LABEL_RULE = (
 )
 
 
+# Upstream accepts '_' in ids; we refuse it, saying why: an id is the first label of the
+# tenant's host name, where '_' is not allowed (RFC 952/1123; browsers and ACME refuse it).
+UNDERSCORE_HINT = (
+    "; '_' cannot appear in a host name (the id becomes ID.SERVICE.DOMAIN, and browsers, "
+    "DNS tools and certificate authorities refuse '_' there): use '-', e.g. {suggestion!r}"
+)
+
+
 class InvalidName(ValueError):
     """A service name, instance id or key that is not a DNS label."""
 
@@ -19,7 +27,12 @@ class InvalidName(ValueError):
 def check_label(value: object, what: str = "instance id") -> str:
     """Return value if it is a valid DNS label, else raise InvalidName naming the rule."""
     if not isinstance(value, str) or not LABEL_RE.fullmatch(value):
-        raise InvalidName(f"invalid {what} {value!r}: must be {LABEL_RULE}")
+        hint = ""
+        if isinstance(value, str) and "_" in value:
+            suggestion = value.replace("_", "-")
+            if LABEL_RE.fullmatch(suggestion):
+                hint = UNDERSCORE_HINT.format(suggestion=suggestion)
+        raise InvalidName(f"invalid {what} {value!r}: must be {LABEL_RULE}{hint}")
     return value
 
 

@@ -8,11 +8,7 @@ from __future__ import annotations
 import string
 from collections.abc import Iterable, Mapping
 
-PLACEHOLDERS = ("name", "id", "data_dir", "socket", "config_dir")
-_PORT_HINT = (
-    "{port} is not supported: apps listen on the Unix socket given in $SOCKET_PATH "
-    "(also available as {socket})"
-)
+PLACEHOLDERS = ("name", "id", "data_dir", "socket", "config_dir", "port")
 
 
 class TemplateError(ValueError):
@@ -32,8 +28,6 @@ def check_template(template: str, allowed: Iterable[str] = PLACEHOLDERS) -> None
     for _literal, field, spec, conversion in _fields(template):
         if field is None:
             continue
-        if field == "port":
-            raise TemplateError(_PORT_HINT)
         if field not in allowed or spec or conversion:
             names = ", ".join("{" + a + "}" for a in sorted(allowed))
             raise TemplateError(f"unknown placeholder {{{field}}}; available: {names}")

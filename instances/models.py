@@ -47,6 +47,10 @@ class Service(models.Model):
     pids_max = models.PositiveIntegerField(null=True, blank=True)
     storage_quota_mb = models.PositiveIntegerField(null=True, blank=True)
     storage_persist = models.BooleanField(default=True)
+    # Upstream's restart policy: always | on-failure | never (see README "The supervisor").
+    restart = models.CharField(max_length=16, default="on-failure")
+    # Where readiness and proxying go: auto (whichever the app opened) | unix | tcp.
+    listen = models.CharField(max_length=8, default="auto")
     # Where the definition came from, so a config reload never clobbers API-made services.
     source = models.CharField(max_length=255, blank=True)
     config_dir = models.TextField(blank=True)
@@ -71,6 +75,8 @@ class SupervisorSettings(models.Model):
     backoff_max_ms = models.PositiveIntegerField(default=60_000)
     # Tenants' own uids come from this range when the supervisor runs as root.
     uid_range = models.CharField(max_length=32, default="200000-265535")
+    # Loopback ports handed out as $PORT, one per running instance.
+    port_range = models.CharField(max_length=32, default="30000-40000")
     config_path = models.TextField(blank=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -110,6 +116,8 @@ class Instance(models.Model):
     # With pid, identifies our process across a supervisor crash even if the pid is reused.
     pid_create_time = models.FloatField(null=True, blank=True)
     socket_path = models.TextField(blank=True)
+    # The loopback port given to the running process as $PORT (None when not running).
+    port = models.IntegerField(null=True, blank=True)
     # The tenant's own uid (stable: its data dir belongs to it) and how it last ran.
     uid = models.IntegerField(null=True, blank=True, unique=True)
     isolation = models.CharField(max_length=200, blank=True)

@@ -53,6 +53,9 @@ class ServiceSpec:
     pids_max: int | None = None
     storage_quota_mb: int | None = None
     storage_persist: bool = True
+    # Upstream's restart policy and where the app is reached (README "TCP apps").
+    restart: str = "on-failure"
+    listen: str = "auto"
     # The tenement.toml that defined the service: hidden from its tenants.
     config_file: str = ""
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
@@ -76,19 +79,30 @@ class ServiceSpec:
             wake_timeout=service.wake_timeout,
             stop_timeout=service.stop_timeout,
             log_retention_lines=service.log_retention_lines,
+            restart=service.restart,
+            listen=service.listen,
             **isolation_fields(service.__dict__),
         )
 
-    def values(self, instance_id: str, socket: str | None = None) -> dict[str, str]:
+    def values(
+        self, instance_id: str, socket: str | None = None, port: int | None = None
+    ) -> dict[str, str]:
         values = {
             "name": self.name,
             "id": instance_id,
             "data_dir": self.data_dir,
             "config_dir": self.config_dir or self.data_dir,
+            # Checks interpolate before any port is given out: a stand-in of the same kind.
+            "port": str(port if port is not None else 0),
         }
         if socket is not None:
             values["socket"] = socket
         return values
+
+    @property
+    def tcp_allowed(self) -> bool:
+        """Whether the proxy can reach a TCP port of the app (not from a private network)."""
+        return self.listen != "unix" and self.network != "none"
 
     def app_socket_path(self, instance_id: str) -> str:
         """Where the app binds: $SOCKET_PATH and {socket}, as the app sees its filesystem."""
@@ -120,19 +134,23 @@ class ServiceSpec:
     def instance_dir(self, instance_id: str) -> Path:
         return Path(self.data_dir) / self.name / instance_id
 
-    def argv(self, instance_id: str) -> list[str]:
-        values = self.values(instance_id, self.app_socket_path(instance_id))
+    def argv(self, instance_id: str, port: int | None = None) -> list[str]:
+        values = self.values(instance_id, self.app_socket_path(instance_id), port)
         # Split before interpolating so a data_dir with spaces stays one argument.
         words = [self.command, *self.args] if self.args else shlex.split(self.command)
         return [interpolate(word, values) for word in words]
 
     def cwd(self, instance_id: str) -> Path:
+        """`workdir`, else the folder of the config file that defined the service (as
+        upstream, whose relative commands run from there), else the tenant's data dir."""
         if not self.workdir:
-            return self.instance_dir(instance_id)
+            return Path(self.config_dir) if self.config_dir else self.instance_dir(instance_id)
         workdir = Path(interpolate(self.workdir, self.values(instance_id)))
         return workdir if workdir.is_absolute() else Path(self.config_dir or ".") / workdir
 
-    def environment(self, instance_id: str, parent: dict[str, str] | None = None) -> dict[str, str]:
+    def environment(
+        self, instance_id: str, parent: dict[str, str] | None = None, port: int | None = None
+    ) -> dict[str, str]:
         """The child's whole environment: never the supervisor's secrets unless inherit_env."""
         parent = dict(os.environ if parent is None else parent)
         socket = self.app_socket_path(instance_id)
@@ -144,11 +162,14 @@ class ServiceSpec:
         env.setdefault("LANG", "C.UTF-8")
         # HOME is the tenant's own directory so nothing lands in the operator's home.
         env["HOME"] = env["DATA_DIR"] = str(self.instance_dir(instance_id))
-        values = self.values(instance_id, socket)
-        # An explicit env entry wins (upstream configs set DATA_DIR themselves) ...
+        values = self.values(instance_id, socket, port)
+        # An explicit env entry wins (upstream configs set DATA_DIR themselves; the loader
+        # only accepts one naming the tenant's own directory) ...
         env.update({k: interpolate(v, values) for k, v in self.env})
         # ... but these identify the instance to itself and are always ours.
         env.update(SOCKET_PATH=socket, INSTANCE_ID=instance_id, SERVICE_NAME=self.name)
+        if port is not None:
+            env["PORT"] = str(port)
         return env
 
 

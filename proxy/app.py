@@ -12,6 +12,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from asgiref.sync import sync_to_async
 from django.conf import settings
 
 from instances import metrics
@@ -34,6 +35,24 @@ class Malformed:
 
 
 @functools.lru_cache(maxsize=8192)
+@sync_to_async
+def register_on_request(key: InstanceKey) -> Target | None:
+    """TENEMENT_REGISTER_ON_REQUEST: upstream wakes any id of a defined service; register
+    it (the wake that follows makes the supervisor read it). Off the hot path: only for
+    hosts the routing snapshot does not know."""
+    from django.db import close_old_connections
+
+    from instances import operations as ops
+
+    close_old_connections()
+    try:
+        instance, _ = ops.register(key, start=True)
+    except ops.OperationError:
+        return None  # the service went away meanwhile
+    service = instance.service
+    return Target(key, service.request_timeout, service.wake_timeout)
+
+
 def route_for(raw: bytes, domain: str) -> Route | Malformed:
     try:
         return resolve(raw.decode("latin-1"), domain)
@@ -84,8 +103,11 @@ class HostRouter:
     ) -> None:
         state = await proxy_state.current()
         target = state.table.lookup(route.key)
+        known_service = route.key.service in state.table.services
+        if target is None and known_service and settings.TENEMENT_REGISTER_ON_REQUEST:
+            target = await register_on_request(route.key)
         if target is None:
-            what = "tenant" if route.key.service in state.table.services else "service"
+            what = "tenant" if known_service else "service"
             await self.refuse(send, 404, f"no such {what}: {route.key}")
             return
         await self.forward(state, target, None, host, scope, receive, send)

@@ -15,6 +15,8 @@ from collections.abc import AsyncIterator
 
 import httptools
 
+from instances.addresses import parse_tcp
+
 HIGH_WATER = 256 * 1024
 MAX_IDLE_PER_SOCKET = 64
 CONNECT_TIMEOUT = 5.0
@@ -192,6 +194,21 @@ async def connect_unix(path: str) -> socket.socket:
         delay = min(delay * 2, 0.05)
 
 
+async def connect_upstream(address: str) -> socket.socket:
+    """A connected non-blocking socket to a Unix socket path or a tcp: address."""
+    if (tcp := parse_tcp(address)) is None:
+        return await connect_unix(address)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        await asyncio.get_running_loop().sock_connect(sock, tcp)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
 def _delimited_by_close(status: int, headers: Headers) -> bool:
     if status in (204, 304):
         return False
@@ -226,8 +243,13 @@ class Pool:
             raise UpstreamError(f"cannot connect to the app: {e.strerror or e}") from e
 
     async def _connect_through_full_backlog(self) -> UpstreamConnection:
-        sock = await connect_unix(self.path)
         loop = asyncio.get_running_loop()
+        if (tcp := parse_tcp(self.path)) is not None:
+            # A TCP app (listen = "tcp", or "auto" and it opened $PORT): the kernel queues
+            # connects on a full backlog, so a plain connect is enough.
+            _, conn = await loop.create_connection(UpstreamConnection, *tcp)
+            return conn
+        sock = await connect_unix(self.path)
         _, conn = await loop.create_unix_connection(UpstreamConnection, sock=sock)
         return conn
 

@@ -12,14 +12,15 @@ import logging
 from typing import Any
 
 from django.conf import settings
-from websockets.asyncio.client import ClientConnection, unix_connect
+from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
+from instances.addresses import parse_tcp
 from proxy import headers as h
 from proxy.client import ClientGone, ClientReader, hold
 from proxy.session import Session
 from proxy.state import WakeRejected
-from proxy.upstream import connect_unix
+from proxy.upstream import connect_upstream
 
 log = logging.getLogger("tenement.proxy")
 
@@ -127,8 +128,9 @@ class Tunnel(Session):
         ]
         user_agent = h.header(self.scope["headers"], b"user-agent")
         async with asyncio.timeout(self.target.request_timeout):
-            sock = await connect_unix(socket)
-        return await unix_connect(
+            sock = await connect_upstream(socket)
+        dial = connect if parse_tcp(socket) else unix_connect  # unix_connect: AF_UNIX only
+        return await dial(
             sock=sock,
             uri=f"ws://{self.host.decode('latin-1')}{h.target(self.scope).decode('latin-1')}",
             subprotocols=self.scope.get("subprotocols") or None,

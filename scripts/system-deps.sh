@@ -21,6 +21,10 @@ case "$mode" in
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # promtool checks the live /metrics and the alerting rules.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Upstream's multi-runtime example (run unchanged by the drop-in tests) has a Go app.
+    command -v go >/dev/null 2>&1 || missing+=(golang-go)
+    # The Node PORT-only test app's WebSockets (Debian's ws module, /usr/share/nodejs).
+    [[ -d /usr/share/nodejs/ws ]] || missing+=(node-ws)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

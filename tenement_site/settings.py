@@ -92,6 +92,9 @@ TENEMENT_AUTH_FAILURE_LIMIT = env_int("TENEMENT_AUTH_FAILURE_LIMIT", 10)
 # /status always need a read token, except on the private `--metrics-bind` listener.
 TENEMENT_METRICS = env_bool("TENEMENT_METRICS", True)
 TENEMENT_METRICS_PER_INSTANCE = env_bool("TENEMENT_METRICS_PER_INSTANCE", False)
+# Upstream's wake of any id: a request for an unregistered tenant of a defined service
+# registers it. Off by default: anyone who can reach the proxy could create tenants.
+TENEMENT_REGISTER_ON_REQUEST = env_bool("TENEMENT_REGISTER_ON_REQUEST", False)
 if not env_bool("TENEMENT_METRICS_REQUIRE_TOKEN", True):
     # Accepted before: open metrics on loopback. Tenants share loopback, so it is refused.
     raise ImproperlyConfigured(

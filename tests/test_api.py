@@ -153,16 +153,20 @@ def test_scopes(world: dict) -> None:
 
 def test_a_tenant_token_sees_and_touches_only_its_own_instances(world: dict) -> None:
     alice = client("write", tenant="alice")
-    listed = alice.get("/api/instances/").json()
+    listed = alice.get("/api/instances/", {"all": "true"}).json()
     assert [i["key"] for i in listed] == ["notes:alice"]
     for url in ("/api/instances/notes:bob/", "/api/instances/notes:bob/events/"):
         assert alice.get(url).status_code == 404
     for action in ("start", "stop", "restart"):
         assert alice.post(f"/api/instances/notes:bob/{action}/").status_code == 404
     assert alice.delete("/api/instances/notes:bob/").status_code == 404
+    assert alice.post("/api/instances/notes:bob/deregister/").status_code == 404
+    assert alice.get("/api/instances/notes:bob/health").status_code == 404
+    spawn = alice.post("/api/instances/spawn", {"process": "notes", "id": "bob"}, format="json")
+    assert spawn.status_code == 403
     assert alice.get("/api/logs", {"instance": "notes:bob"}).status_code == 404
     assert alice.get("/api/logs/stream", {"instance": "notes:bob"}).status_code == 404
-    lines = alice.get("/api/logs").json()["results"]
+    lines = alice.get("/api/logs").json()
     assert [line["text"] for line in lines] == ["alice says hi"]
     registering_bob = {"service": "notes", "instance_id": "carol"}
     assert alice.post("/api/instances/", registering_bob, format="json").status_code == 403
@@ -248,12 +252,16 @@ def test_instances_register_act_and_deregister(world: dict, tmp_path: Path) -> N
     assert events[0]["message"] == "alice event"
     data_dir = tmp_path / "notes" / "carol"
     data_dir.mkdir(parents=True)
-    assert admin.delete("/api/instances/notes:carol/").status_code == 204
+    # DELETE is upstream's stop: the tenant stays registered.
+    admin.post("/api/instances/notes:carol/start/")
+    assert admin.delete("/api/instances/notes:carol").status_code == 204
+    assert Instance.objects.get(instance_id="carol").desired_state == "stopped"
+    assert admin.post("/api/instances/notes:carol/deregister/").status_code == 204
     assert data_dir.exists()  # kept without ?purge
     assert not Instance.objects.filter(instance_id="carol").exists()
     bob_dir = tmp_path / "notes" / "bob"
     bob_dir.mkdir(parents=True)
-    assert admin.delete("/api/instances/notes:bob/?purge=true").status_code == 204
+    assert admin.post("/api/instances/notes:bob/deregister?purge=true").status_code == 204
     assert not bob_dir.exists()
     assert admin.get("/api/instances/notes:bob/").status_code == 404
 

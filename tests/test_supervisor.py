@@ -314,7 +314,9 @@ async def test_environment_has_no_supervisor_secrets(
     assert env["GREETING"] == "hi alice"
     assert env["INSTANCE_ID"] == "alice" and env["SERVICE_NAME"] == "app"
     assert env["SOCKET_PATH"] == rt.spec.socket_path("alice")
+    assert env["PORT"].isdigit()
     assert set(env) <= {
+        "PORT",
         "PATH",
         "LANG",
         "LC_ALL",

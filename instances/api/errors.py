@@ -21,9 +21,15 @@ class Conflict(Exception):
     """A state change that conflicts with the current state (409)."""
 
 
+class Unavailable(Exception):
+    """The instance could not be brought up (503): a failed or too slow start."""
+
+
 def handle(exc: Exception, context: dict[str, Any]) -> Response:
     if isinstance(exc, Conflict):
         return _error(status.HTTP_409_CONFLICT, str(exc))
+    if isinstance(exc, Unavailable):
+        return _error(status.HTTP_503_SERVICE_UNAVAILABLE, str(exc))
     if isinstance(exc, OperationalError):
         # Locked (SQLite), full disk, or the server gone: the request may succeed later.
         log.warning("database unavailable: %s", exc, extra={"event": "database_error"})

@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from instances.api.auth import tenant_of
-from instances.api.params import bounded_int, int_param
+from instances.api.params import bounded_int, int_param, known_params
 from instances.ids import LABEL_RE, InvalidName, parse_key
 from instances.models import Instance, LogLine
 
@@ -30,17 +30,32 @@ POLL_SECONDS = 0.5  # lines are written by the supervisor, maybe in another proc
 KEEPALIVE_SECONDS = 15.0
 STREAM_BATCH = 500
 
-# What each SSE event's `data:` holds.
-LOG_EVENT = inline_serializer(
-    "LogEvent",
-    fields={
-        "id": serializers.IntegerField(),
-        "instance": serializers.CharField(),
-        "stream": serializers.CharField(),
-        "time": serializers.DateTimeField(),
-        "text": serializers.CharField(),
-    },
+# One log line, as search results and SSE events carry it: ours, then upstream's names
+# for the same facts (its `ten logs` reads timestamp, level, process, instance_id, message).
+LINE_FIELDS = {
+    "id": serializers.IntegerField(),
+    "instance": serializers.CharField(),
+    "stream": serializers.CharField(),
+    "time": serializers.DateTimeField(),
+    "text": serializers.CharField(),
+    "timestamp": serializers.IntegerField(help_text="Unix milliseconds (upstream's)"),
+    "level": serializers.CharField(help_text="stdout or stderr (upstream's name for stream)"),
+    "process": serializers.CharField(help_text="the service (upstream's name)"),
+    "instance_id": serializers.CharField(help_text="the tenant id"),
+    "message": serializers.CharField(help_text="the line (upstream's name for text)"),
+}
+LOG_EVENT = inline_serializer("LogEvent", fields=LINE_FIELDS)
+LOG_HITS = inline_serializer(
+    "LogHit", fields={**LINE_FIELDS, "snippet": serializers.CharField(allow_null=True)}, many=True
 )
+# Upstream's filters (its `ten logs` sends them): exact service and tenant, the stream.
+UPSTREAM_FILTERS = [
+    OpenApiParameter("process", str, description="service name (upstream's filter)"),
+    OpenApiParameter("id", str, description="tenant id (upstream's filter)"),
+    OpenApiParameter("level", str, enum=["stdout", "stderr"], description="upstream's stream"),
+]
+STREAM_PARAMS = frozenset({"instance", "stream", "process", "id", "level"})
+SEARCH_PARAMS = STREAM_PARAMS | {"q", "since", "until", "limit", "order", "before", "search"}
 
 KEY = f"{LABEL_RE.pattern}:{LABEL_RE.pattern}"
 FILTERS = [
@@ -52,10 +67,16 @@ FILTERS = [
 
 
 def scoped_instances(request: Request) -> QuerySet[Instance]:
-    """The instances this caller may read, narrowed to ?instance= if given."""
+    """The instances this caller may read, narrowed to ?instance= (and upstream's
+    ?process= and ?id=) if given."""
     qs = Instance.objects.select_related("service")
     if tenant := tenant_of(request):
         qs = qs.filter(instance_id=tenant)
+    for param, field in (("process", "service__name"), ("id", "instance_id")):
+        if raw := request.query_params.get(param):
+            if not LABEL_RE.fullmatch(raw):
+                raise ValidationError({param: ["must be a name of lowercase letters, digits, -"]})
+            qs = qs.filter(**{field: raw})
     if raw := request.query_params.get("instance"):
         try:
             key = parse_key(raw)
@@ -69,9 +90,13 @@ def scoped_instances(request: Request) -> QuerySet[Instance]:
 
 def stream_param(request: Request) -> str | None:
     stream = request.query_params.get("stream") or None
-    if stream not in (None, "stdout", "stderr"):
-        raise ValidationError({"stream": ["must be stdout or stderr"]})
-    return stream
+    level = request.query_params.get("level") or None
+    for name, value in (("stream", stream), ("level", level)):
+        if value not in (None, "stdout", "stderr"):
+            raise ValidationError({name: ["must be stdout or stderr"]})
+    if stream and level and stream != level:
+        raise ValidationError({"level": ["contradicts stream (level is upstream's name for it)"]})
+    return stream or level
 
 
 def time_param(request: Request, name: str) -> datetime | None:
@@ -97,55 +122,119 @@ class LogSearchView(APIView):
     @extend_schema(
         parameters=[
             *FILTERS,
+            *UPSTREAM_FILTERS,
             OpenApiParameter("q", str, description='words, "a phrase", -exclude'),
+            OpenApiParameter("search", str, description="a substring (upstream's filter)"),
             OpenApiParameter("since", OpenApiTypes.DATETIME),
             OpenApiParameter("until", OpenApiTypes.DATETIME),
             int_param("limit", 1000, "default 100"),
-            OpenApiParameter("order", str, enum=["rank", "newest"]),
-            int_param("before", 2**62, "the next page: next_before of the last one"),
+            OpenApiParameter(
+                "order", str, enum=["rank", "newest"], description="default: oldest first"
+            ),
+            int_param("before", 2**62, "the next page: X-Next-Before of the last one"),
         ],
-        responses=dict,
+        responses=LOG_HITS,
     )
     def get(self, request: Request) -> Response:
-        from instances import logsearch
-
+        """A JSON array of lines, as upstream's. Without `q` or `order` it holds the newest
+        `limit` lines oldest first (upstream's order); `order=newest` lists newest first,
+        `q` ranks. The next page's `before` is in the X-Next-Before header."""
+        known_params(request, SEARCH_PARAMS)
         instances = {i.pk: str(i.key) for i in scoped_instances(request)}
         q = request.query_params.get("q") or None
-        # Without words there is nothing to rank: a listing is always newest first.
-        order = (request.query_params.get("order") or "rank") if q else "newest"
-        if order not in ("rank", "newest"):
+        search = request.query_params.get("search")
+        if search is not None and (q or request.query_params.get("order")):
+            raise ValidationError({"search": ["a substring filter: not with q or order"]})
+        requested = request.query_params.get("order")
+        order = (requested or "rank") if q else "newest"
+        if requested not in (None, "", "rank", "newest"):
             raise ValidationError({"order": ["must be rank or newest"]})
         if order == "rank" and request.query_params.get("before"):
             raise ValidationError({"before": ["paging needs order=newest"]})
         limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
+        hits = self.hits(request, list(instances), q, search, order, limit)
+        chronological = not q and not requested  # upstream's: the newest lines, oldest first
+        if chronological:
+            hits.reverse()
+        results = [hit_json(hit, instances) for hit in hits]
+        headers = {}
+        if order == "newest" and len(results) == limit:
+            headers["X-Next-Before"] = str(min(r["id"] for r in results))
+        return Response(results, headers=headers)
+
+    @staticmethod
+    def hits(
+        request: Request, ids: list[int], q: str | None, search: str | None, order: str, limit: int
+    ) -> list[Any]:
+        from instances import logsearch
+
         before = request.query_params.get("before")
+        since, until = time_param(request, "since"), time_param(request, "until")
+        stream = stream_param(request)
+        before_id = bounded_int(before, 0, 2**62, "before") if before else None
+        if search is not None:
+            return substring_hits(ids, stream, search, since, until, limit, before_id)
         try:
-            hits = logsearch.search(
+            return logsearch.search(
                 q,
-                instance_ids=list(instances),
-                stream=stream_param(request),
-                since=time_param(request, "since"),
-                until=time_param(request, "until"),
+                instance_ids=ids,
+                stream=stream,
+                since=since,
+                until=until,
                 limit=limit,
                 order=order,
-                before_id=bounded_int(before, 0, 2**62, "before") if before else None,
+                before_id=before_id,
             )
         except logsearch.SearchError as e:
             raise ValidationError({"q": [str(e)]}) from None
-        results = [
-            {
-                "id": hit.id,
-                "instance": instances.get(hit.instance_id, ""),
-                "stream": hit.stream,
-                "time": hit.time.isoformat(),
-                "text": hit.text,
-                "snippet": hit.snippet,
-            }
-            for hit in hits
-        ]
-        paged = order == "newest" and len(results) == limit
-        next_before = results[-1]["id"] if paged else None
-        return Response({"results": results, "next_before": next_before})
+
+
+def substring_hits(
+    ids: list[int],
+    stream: str | None,
+    text: str,
+    since: datetime | None,
+    until: datetime | None,
+    limit: int,
+    before_id: int | None,
+) -> list[Any]:
+    """Upstream's `search`: lines containing the text (newest first, then reversed)."""
+    from instances import logsearch
+
+    qs = LogLine.objects.filter(instance_id__in=ids, text__contains=text)
+    if stream:
+        qs = qs.filter(stream=stream)
+    if since:
+        qs = qs.filter(time__gte=since)
+    if until:
+        qs = qs.filter(time__lt=until)
+    if before_id:
+        qs = qs.filter(id__lt=before_id)
+    rows = qs.order_by("-id")[:limit]
+    return [logsearch.Hit(r.id, r.instance_id, r.stream, r.time, r.text, None) for r in rows]
+
+
+def line_json(
+    line_id: int, instance: str, stream: str, time: datetime, text: str
+) -> dict[str, Any]:
+    service, _, tenant = instance.partition(":")
+    return {
+        "id": line_id,
+        "instance": instance,
+        "stream": stream,
+        "time": time.isoformat(),
+        "text": text,
+        "timestamp": int(time.timestamp() * 1000),
+        "level": stream,
+        "process": service,
+        "instance_id": tenant,
+        "message": text,
+    }
+
+
+def hit_json(hit: Any, instances: dict[int, str]) -> dict[str, Any]:
+    line = line_json(hit.id, instances.get(hit.instance_id, ""), hit.stream, hit.time, hit.text)
+    return {**line, "snippet": hit.snippet}
 
 
 class EventStreamRenderer(JSONRenderer):
@@ -160,8 +249,12 @@ class LogStreamView(APIView):
 
     renderer_classes = (JSONRenderer, EventStreamRenderer)
 
-    @extend_schema(parameters=FILTERS, responses={(200, "text/event-stream"): LOG_EVENT})
+    @extend_schema(
+        parameters=[*FILTERS, *UPSTREAM_FILTERS],
+        responses={(200, "text/event-stream"): LOG_EVENT},
+    )
     def get(self, request: Request) -> StreamingHttpResponse:
+        known_params(request, STREAM_PARAMS)
         keys = {i.pk: str(i.key) for i in scoped_instances(request)}
         ids = list(keys)
         after = _resume_point(request)
@@ -212,11 +305,5 @@ async def follow(
 
 
 def _event(row: LogLine, keys: dict[int, str]) -> bytes:
-    payload: dict[str, Any] = {
-        "id": row.id,
-        "instance": keys.get(row.instance_id, ""),
-        "stream": row.stream,
-        "time": row.time.isoformat(),
-        "text": row.text,
-    }
+    payload = line_json(row.id, keys.get(row.instance_id, ""), row.stream, row.time, row.text)
     return f"id: {row.id}\ndata: {json.dumps(payload)}\n\n".encode()

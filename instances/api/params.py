@@ -31,3 +31,14 @@ def bounded_int(raw: str | None, default: int, most: int, name: str) -> int:
     if not 1 <= value <= most:
         raise ValidationError({name: [f"must be between 1 and {most}"]})
     return value
+
+
+def known_params(request: Request, allowed: set[str] | frozenset[str]) -> None:
+    """A list or search with a parameter it does not know is a 400, never silently
+    answered unfiltered (a typo'd filter would return other tenants' lines)."""
+    unknown = sorted(set(request.query_params) - set(allowed))
+    if unknown:
+        names = ", ".join(sorted(allowed)) or "none"
+        raise ValidationError(
+            {name: [f"unknown query parameter; this endpoint takes: {names}"] for name in unknown}
+        )

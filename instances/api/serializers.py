@@ -2,14 +2,22 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import psutil
 from rest_framework import serializers
 
+from instances.addresses import parse_tcp
 from instances.ids import LABEL_RE
 from instances.models import ApiToken, Event, Instance, Service
+from instances.spec import ServiceSpec
+from instances.supervisor import storage
 
+INVALID_ID = (
+    "must be 1 to 63 lowercase letters, digits and '-' (a DNS label: '_' cannot appear in "
+    "a host name)"
+)
 # DRF's RegexField searches; anchor it so "Bad/.." does not pass on its "ad".
 LABEL = rf"\A{LABEL_RE.pattern}\Z"
 
@@ -38,6 +46,8 @@ WRITABLE_SERVICE_FIELDS = (
     "pids_max",
     "storage_quota_mb",
     "storage_persist",
+    "restart",
+    "listen",
 )
 SERVICE_FIELDS = ["name", *WRITABLE_SERVICE_FIELDS, "source", "created_at", "updated_at"]
 
@@ -64,10 +74,30 @@ class InstanceSerializer(serializers.ModelSerializer):
     rss_bytes = serializers.SerializerMethodField()
     cpu_percent = serializers.SerializerMethodField()
     url = serializers.SerializerMethodField()
+    # Upstream's fields (its `ten ps` reads them): the same facts under its names.
+    id = serializers.SerializerMethodField(help_text="SERVICE:ID (upstream's)")
+    socket = serializers.SerializerMethodField(help_text="where it listens (upstream's)")
+    uptime_secs = serializers.SerializerMethodField()
+    idle_secs = serializers.SerializerMethodField()
+    restarts = serializers.IntegerField(source="restart_count", read_only=True)
+    health = serializers.SerializerMethodField(help_text="healthy|unhealthy|failed|unknown")
+    storage_used_bytes = serializers.SerializerMethodField()
+    storage_quota_bytes = serializers.SerializerMethodField()
+    weight = serializers.SerializerMethodField(help_text="traffic weight 0-100")
 
     class Meta:
         model = Instance
         fields = [
+            "id",
+            "socket",
+            "port",
+            "uptime_secs",
+            "idle_secs",
+            "restarts",
+            "health",
+            "storage_used_bytes",
+            "storage_quota_bytes",
+            "weight",
             "key",
             "service",
             "instance_id",
@@ -100,6 +130,34 @@ class InstanceSerializer(serializers.ModelSerializer):
     def get_key(self, obj: Instance) -> str:
         return str(obj.key)
 
+    def get_id(self, obj: Instance) -> str:
+        return str(obj.key)
+
+    def get_socket(self, obj: Instance) -> str:
+        return listen_address(obj)
+
+    def get_uptime_secs(self, obj: Instance) -> int:
+        return int(obj.uptime_seconds(self.context.get("now")) or 0)
+
+    def get_idle_secs(self, obj: Instance) -> int:
+        return int(obj.idle_seconds(self.context.get("now")) or 0)
+
+    def get_health(self, obj: Instance) -> str:
+        return upstream_health(obj)
+
+    def get_storage_used_bytes(self, obj: Instance) -> int:
+        # A list may hold a thousand tenants: a capped walk (the storage endpoint's is full).
+        used, _ = storage.measure(data_dir_of(obj), max_entries=LIST_STORAGE_ENTRIES)
+        return used
+
+    def get_storage_quota_bytes(self, obj: Instance) -> int | None:
+        quota = obj.service.storage_quota_mb
+        return quota * 2**20 if quota else None
+
+    def get_weight(self, obj: Instance) -> int:
+        # Releases (weighted routing) are not built yet: every instance takes full traffic.
+        return 100
+
     def get_uptime_seconds(self, obj: Instance) -> float | None:
         return obj.uptime_seconds(self.context.get("now"))
 
@@ -124,6 +182,31 @@ class InstanceSerializer(serializers.ModelSerializer):
         from django.conf import settings
 
         return f"http://{obj.instance_id}.{obj.service.name}.{settings.TENEMENT_DOMAIN}/"
+
+
+LIST_STORAGE_ENTRIES = 1000
+
+
+def data_dir_of(obj: Instance) -> Path:
+    return ServiceSpec.from_model(obj.service).instance_dir(obj.instance_id)
+
+
+def listen_address(obj: Instance) -> str:
+    """Upstream's `socket`: the Unix socket path, or 127.0.0.1:PORT for a TCP app."""
+    address = obj.socket_path or ServiceSpec.from_model(obj.service).socket_path(obj.instance_id)
+    tcp = parse_tcp(address)
+    return f"{tcp[0]}:{tcp[1]}" if tcp else address
+
+
+def upstream_health(obj: Instance) -> str:
+    """Upstream's health words for our state: healthy, unhealthy, failed or unknown."""
+    if obj.state == Instance.State.FAILED:
+        return "failed"
+    if obj.state == Instance.State.BACKOFF:
+        return "unhealthy"
+    if obj.state == Instance.State.RUNNING:
+        return "healthy" if obj.health_ok is not False else "unhealthy"
+    return "unknown"
 
 
 # psutil's cpu_percent compares with the previous call on the same Process object, so keep
@@ -156,7 +239,7 @@ class InstanceCreateSerializer(serializers.Serializer):
     instance_id = serializers.RegexField(
         LABEL,
         max_length=63,
-        error_messages={"invalid": "must be 1 to 63 lowercase letters, digits and '-'"},
+        error_messages={"invalid": INVALID_ID},
     )
     start = serializers.BooleanField(default=True)
 
@@ -200,3 +283,31 @@ class TokenCreateSerializer(serializers.Serializer):
     expires_days = serializers.FloatField(
         required=False, allow_null=True, min_value=0.0001, max_value=3650
     )
+
+
+class SpawnSerializer(serializers.Serializer):
+    """Upstream's spawn body."""
+
+    process = serializers.RegexField(LABEL, max_length=63, help_text="the service")
+    id = serializers.RegexField(
+        LABEL,
+        max_length=63,
+        error_messages={"invalid": INVALID_ID},
+        help_text="the tenant id",
+    )
+
+
+class HealthSerializer(serializers.Serializer):
+    instance = serializers.CharField()
+    health = serializers.CharField(help_text="healthy, unhealthy, failed or unknown")
+    state = serializers.CharField()
+    health_ok = serializers.BooleanField(allow_null=True)
+    health_checked_at = serializers.DateTimeField(allow_null=True)
+
+
+class StorageSerializer(serializers.Serializer):
+    used_bytes = serializers.IntegerField()
+    quota_bytes = serializers.IntegerField(allow_null=True)
+    usage_percent = serializers.FloatField(allow_null=True)
+    path = serializers.CharField()
+    complete = serializers.BooleanField(help_text="false: the walk stopped early (at least)")

@@ -4,7 +4,7 @@ from django.urls import include, path, re_path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
-from instances.api import logs, schema, views  # noqa: F401  (schema registers an extension)
+from instances.api import logs, schema, telemetry, views  # noqa: F401  (schema: an extension)
 
 router = DefaultRouter()
 router.trailing_slash = "/?"  # scripts and the CLI may leave the slash off; no redirect
@@ -15,6 +15,8 @@ router.register("tokens", views.TokenViewSet, basename="token")
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
+    path("telemetry", telemetry.TelemetryView.as_view(), name="api-telemetry"),
+    path("telemetry/", telemetry.TelemetryView.as_view()),
     path("logs", logs.LogSearchView.as_view(), name="api-logs"),
     path("logs/", logs.LogSearchView.as_view()),
     path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),

@@ -22,16 +22,22 @@ from instances import operations as ops
 from instances import tokens
 from instances.api import serializers as s
 from instances.api.auth import tenant_of, token_of
-from instances.api.errors import Conflict
-from instances.api.params import bounded_int, int_param, json_object
+from instances.api.errors import Conflict, Unavailable
+from instances.api.params import bounded_int, int_param, json_object, known_params
 from instances.api.schema import service_body
 from instances.config import ConfigError, field_errors, validate_service
 from instances.ids import InvalidName, parse_key
 from instances.models import ApiToken, Event, Instance, Service
 from instances.spec import ServiceSpec
+from instances.supervisor import storage
 
 KEY_REGEX = r"[a-z0-9-]+:[a-z0-9-]+"
 PURGE_WAIT_SLACK = 5.0
+SPAWN_WAIT = 10.0
+LIST_PARAMS = frozenset({"service", "state", "all"})
+# Upstream's list shows the instances it has a process for; ours adds sleeping ones on ask.
+ASLEEP = (Instance.State.STOPPED,)
+TRUE = ("1", "true", "yes")
 
 
 class ServiceViewSet(
@@ -52,6 +58,10 @@ class ServiceViewSet(
         # Defining services is an admin matter: a service runs commands for every tenant.
         self.required_scope = None if self.action in ("list", "retrieve") else "admin"
         return super().get_permissions()
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        known_params(request, set())
+        return super().list(request, *args, **kwargs)
 
     def get_serializer_context(self) -> dict[str, Any]:
         token = token_of(self.request)
@@ -119,11 +129,30 @@ class InstanceViewSet(
         qs = Instance.objects.select_related("service")
         if tenant := tenant_of(self.request):
             qs = qs.filter(instance_id=tenant)
-        if service := self.request.query_params.get("service"):
-            qs = qs.filter(service__name=service)
-        if state := self.request.query_params.get("state"):
-            qs = qs.filter(state=state)
         return qs
+
+    @extend_schema(
+        parameters=[
+            OpenApiParameter("service", str),
+            OpenApiParameter("state", str, enum=list(Instance.State.values)),
+            OpenApiParameter("all", bool, description="also sleeping (stopped) instances"),
+        ]
+    )
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Instances with a process (upstream's `ps`: starting, running, backing off,
+        failed...); `all=true` adds sleeping ones, `state=` picks any one state."""
+        known_params(request, LIST_PARAMS)
+        qs = self.get_queryset()
+        params = request.query_params
+        if service := params.get("service"):
+            qs = qs.filter(service__name=service)
+        if state := params.get("state"):
+            if state not in Instance.State.values:
+                raise ValidationError({"state": [f"must be one of {', '.join(Instance.State)}"]})
+            qs = qs.filter(state=state)
+        elif params.get("all", "").lower() not in TRUE:
+            qs = qs.exclude(state__in=ASLEEP)
+        return Response(self.get_serializer(qs, many=True).data)
 
     def get_serializer_context(self) -> dict[str, Any]:
         return {**super().get_serializer_context(), "now": time.time()}
@@ -173,36 +202,52 @@ class InstanceViewSet(
     @extend_schema(request=None, responses={202: s.InstanceSerializer})
     @action(detail=True, methods=["post"])
     def restart(self, request: Request, key: str) -> Response:
-        return self.change(ops.request_restart)
+        """Also upstream's: the answer carries its `instance`, `socket` and `port`."""
+        response = self.change(ops.request_restart)
+        response.data = {**response.data, "instance": response.data["key"]}
+        return response
 
     def change(self, operation: Any) -> Response:
         instance = operation(self.get_object().key)
         return Response(self.get_serializer(instance).data, status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(
-        parameters=[int_param("limit", 1000, "newest first (default 100)")],
-        responses=s.EventSerializer(many=True),
-    )
-    @action(detail=True, methods=["get"])
-    def events(self, request: Request, key: str) -> Response:
-        instance = self.get_object()
-        limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
-        rows = Event.objects.filter(instance=instance).order_by("-time", "-id")[:limit]
-        return Response(s.EventSerializer(rows, many=True).data)
+    @extend_schema(request=s.SpawnSerializer, responses=s.InstanceSerializer)
+    @action(detail=False, methods=["post"])
+    def spawn(self, request: Request) -> Response:
+        """Upstream's spawn: `{process, id}` registers the tenant if new, starts it and
+        answers once it is running (`instance`, `socket`, `port` and our fields)."""
+        body = s.SpawnSerializer(data=request.data)
+        body.is_valid(raise_exception=True)
+        key = f"{body.validated_data['process']}:{body.validated_data['id']}"
+        tenant = tenant_of(request)
+        if tenant and body.validated_data["id"] != tenant:
+            raise PermissionDenied(f"this token may only act on tenant {tenant!r}")
+        try:
+            instance, created = ops.register(key, start=True)
+            if not created:
+                instance = ops.request_start(key)
+        except ops.OperationError as e:
+            raise NotFound(str(e)) from None
+        # Upstream answers once the process is up, healthy or not: wait for ready, but an
+        # app still starting (or retrying) after SPAWN_WAIT is answered as it stands.
+        wait = min(instance.service.startup_timeout + PURGE_WAIT_SLACK, SPAWN_WAIT)
+        instance = ops.wait_for_states(instance.pk, {"running", "failed"}, wait)
+        if instance.state == "failed":
+            raise Unavailable(f"{instance.key} did not start: {instance.last_error}")
+        data = self.get_serializer(instance).data
+        return Response({**data, "instance": str(instance.key)})
 
-    @extend_schema(
-        parameters=[OpenApiParameter("purge", bool, description="also delete its data dir")],
-    )
-    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+    @extend_schema(request=None, responses={204: None})
+    @action(detail=True, methods=["post"])
+    def deregister(self, request: Request, key: str) -> Response:
+        """Forget the tenant (the supervisor stops its process); `purge=true` also deletes
+        its data directory, after it has stopped. Before this release, DELETE did this."""
+        known_params(request, {"purge"})
         instance = self.get_object()
-        purge = request.query_params.get("purge", "").lower() in ("1", "true", "yes")
+        purge = request.query_params.get("purge", "").lower() in TRUE
         if purge:
             # Stop first, so nothing writes into the directory while it is removed.
-            ops.request_stop(instance.key)
-            wait = instance.service.stop_timeout + PURGE_WAIT_SLACK
-            instance = ops.wait_for_states(instance.pk, {"stopped", "failed"}, wait)
-            if instance.state not in ("stopped", "failed") and ops.supervisor_alive():
-                raise Conflict(f"{instance.key} did not stop within {wait:g}s; not purged")
+            self.stop_and_wait(instance)
         data_dir = ServiceSpec.from_model(instance.service).instance_dir(instance.instance_id)
         try:
             ops.deregister(instance.key)  # the supervisor stops a running process within a second
@@ -210,6 +255,72 @@ class InstanceViewSet(
             raise NotFound(str(e)) from None
         if purge:
             shutil.rmtree(data_dir, ignore_errors=True)
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+    @staticmethod
+    def stop_and_wait(instance: Instance) -> Instance:
+        instance = ops.request_stop(instance.key)
+        if instance.state in ("stopped", "failed") or not ops.supervisor_alive():
+            return instance  # nothing runs it (no supervisor: nothing to wait for)
+        wait = instance.service.stop_timeout + PURGE_WAIT_SLACK
+        instance = ops.wait_for_states(instance.pk, {"stopped", "failed"}, wait)
+        if instance.state not in ("stopped", "failed") and ops.supervisor_alive():
+            raise Conflict(f"{instance.key} did not stop within {wait:g}s")
+        return instance
+
+    @extend_schema(responses=s.HealthSerializer)
+    @action(detail=True, methods=["get"])
+    def health(self, request: Request, key: str) -> Response:
+        """Upstream's health: `{instance, health}`, plus the last check's result and time."""
+        instance = self.get_object()
+        return Response(
+            {
+                "instance": str(instance.key),
+                "health": s.upstream_health(instance),
+                "state": instance.state,
+                "health_ok": instance.health_ok,
+                "health_checked_at": instance.health_checked_at,
+            }
+        )
+
+    @extend_schema(responses=s.StorageSerializer)
+    @action(detail=True, methods=["get"])
+    def storage(self, request: Request, key: str) -> Response:
+        """Upstream's storage: bytes used under the data dir, the quota and the percent."""
+        instance = self.get_object()
+        folder = s.data_dir_of(instance)
+        used, complete = storage.measure(folder)
+        quota = instance.service.storage_quota_mb
+        quota_bytes = quota * 2**20 if quota else None
+        return Response(
+            {
+                "used_bytes": used,
+                "quota_bytes": quota_bytes,
+                "usage_percent": round(used * 100 / quota_bytes, 2) if quota_bytes else None,
+                "path": str(folder),
+                "complete": complete,
+            }
+        )
+
+    @extend_schema(
+        parameters=[int_param("limit", 1000, "newest first (default 100)")],
+        responses=s.EventSerializer(many=True),
+    )
+    @action(detail=True, methods=["get"])
+    def events(self, request: Request, key: str) -> Response:
+        known_params(request, {"limit"})
+        instance = self.get_object()
+        limit = bounded_int(request.query_params.get("limit"), 100, 1000, "limit")
+        rows = Event.objects.filter(instance=instance).order_by("-time", "-id")[:limit]
+        return Response(s.EventSerializer(rows, many=True).data)
+
+    @extend_schema(request=None, responses={204: None})
+    def destroy(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        """Upstream's stop: the instance stops (SIGTERM, grace, SIGKILL) and the answer
+        comes once it has; it stays registered, and a request wakes it. Deregistering is
+        POST .../deregister."""
+        known_params(request, set())
+        self.stop_and_wait(self.get_object())
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -221,6 +332,10 @@ class TokenViewSet(mixins.ListModelMixin, mixins.DestroyModelMixin, viewsets.Gen
     lookup_field = "name"
     lookup_value_regex = "[^/]+"  # token names are free text (but never contain '/')
     required_scope = "admin"
+
+    def list(self, request: Request, *args: Any, **kwargs: Any) -> Response:
+        known_params(request, set())
+        return super().list(request, *args, **kwargs)
 
     @extend_schema(request=s.TokenCreateSerializer, responses={201: dict})
     def create(self, request: Request) -> Response:

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, releases, tokens
+from instances.cli import configcheck, lifecycle, logs, project, releases, tokens
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -15,7 +15,8 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_WAIT = 60.0
 STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
-
+# Verbs that work without the server (no token needed).
+LOCAL_VERBS = frozenset({"init", "config", "token-gen"})
 
 DESCRIPTION = """\
 ten: the command-line client of tenement's REST API (upstream `ten` verbs).
@@ -37,8 +38,11 @@ exit codes:
   8  rate limited after too many failed tokens (429); the message says when to retry
 
 environment:
-  TENEMENT_SERVER  default for --server (default: http://127.0.0.1:8000)
-  TENEMENT_TOKEN   default for --token; better than --token, which other users can see in ps
+  TENEMENT_SERVER    default for --server (default: http://127.0.0.1:8000)
+  TENEMENT_TOKEN     default for --token; better than --token, which other users can see in ps
+  TENEMENT_DATA_DIR  default for --data-dir
+
+token: --token, else TENEMENT_TOKEN, else the file {data_dir}/api_token (`ten token-gen`).
 """
 
 Run = Callable[[argparse.Namespace], int]
@@ -91,6 +95,13 @@ def common_options() -> argparse.ArgumentParser:
         "--token", metavar="T", default=argparse.SUPPRESS, help="bearer token (env TENEMENT_TOKEN)"
     )
     group.add_argument(
+        "--data-dir",
+        metavar="DIR",
+        default=argparse.SUPPRESS,
+        help="the server's data dir, for {data_dir}/api_token and token-gen (env "
+        "TENEMENT_DATA_DIR, else the nearest tenement.toml's data_dir)",
+    )
+    group.add_argument(
         "--json",
         action="store_true",
         default=argparse.SUPPRESS,
@@ -109,15 +120,27 @@ def common_options() -> argparse.ArgumentParser:
 class Verbs:
     """Adds verbs to a subparsers object with the shared options and formatting."""
 
-    def __init__(self, parent: argparse.ArgumentParser, common: argparse.ArgumentParser) -> None:
-        self.subparsers = parent.add_subparsers(dest="verb", metavar="VERB", required=True)
+    def __init__(
+        self,
+        parent: argparse.ArgumentParser,
+        common: argparse.ArgumentParser,
+        required: bool = True,
+        dest: str = "verb",
+    ) -> None:
+        self.subparsers = parent.add_subparsers(dest=dest, metavar="VERB", required=required)
         self.common = common
 
     def add(
-        self, name: str, run: Run | None, summary: str, details: str = ""
+        self,
+        name: str,
+        run: Run | None,
+        summary: str,
+        details: str = "",
+        aliases: tuple[str, ...] = (),
     ) -> argparse.ArgumentParser:
         parser = self.subparsers.add_parser(
             name,
+            aliases=list(aliases),
             help=summary,
             description=f"{summary}\n\n{details}".strip(),
             parents=[self.common],
@@ -165,6 +188,15 @@ def add_lifecycle(verbs: Verbs) -> None:
     )
     restart.add_argument("instance", metavar="SVC:ID", type=instance_key)
     add_wait(restart, "running as a new process")
+    deregister = verbs.add(
+        "deregister",
+        lifecycle.deregister,
+        "Forget a tenant: stop its process and remove it (its data dir stays).",
+        "Needs a write token. --purge also deletes its data directory, after it stopped.\n"
+        "(`stop` keeps the tenant registered; its next request wakes it.)",
+    )
+    deregister.add_argument("instance", metavar="SVC:ID", type=instance_key)
+    deregister.add_argument("--purge", action="store_true", help="also delete its data dir")
 
 
 def add_status(verbs: Verbs) -> None:
@@ -172,8 +204,12 @@ def add_status(verbs: Verbs) -> None:
         "ps",
         lifecycle.ps,
         "List instances: state, pid, uptime, idle time, restarts, health, memory.",
-        "HEALTH is healthy or unhealthy for running and crashed instances, '-' otherwise.",
+        "As upstream's: instances with a process (starting, running, backing off, failed);\n"
+        "--all adds sleeping (stopped) tenants. HEALTH is healthy or unhealthy for running\n"
+        "and crashed instances, '-' otherwise.",
+        aliases=("ls",),
     )
+    ps.add_argument("--all", "-a", action="store_true", help="also sleeping (stopped) tenants")
     ps.add_argument("--service", metavar="S", type=label, help="only this service's instances")
     ps.add_argument("--state", choices=STATES, help="only instances in this state")
     health = verbs.add(
@@ -234,9 +270,37 @@ def add_tokens(verbs: Verbs) -> None:
     revoke.add_argument("name", metavar="NAME")
 
 
+def add_project(verbs: Verbs) -> None:
+    init = verbs.add(
+        "init",
+        project.init,
+        "Write a starter tenement.toml in the current directory.",
+        "The service is named after the directory (or --name); the command is guessed\n"
+        "from the files here (or --command).",
+    )
+    init.add_argument("--name", help="service name (default: the directory's name)")
+    init.add_argument("--command", help="command to run (default: guessed)")
+    gen = verbs.add(
+        "token-gen",
+        project.token_gen,
+        "Make an API token on the server's host, in its database (upstream's verb).",
+        "Admin by default, saved to {data_dir}/api_token (0600), which this CLI reads when\n"
+        "no --token or TENEMENT_TOKEN is given. --tenant ID makes a write token limited to\n"
+        "that tenant, printed only. Needs the data dir (--data-dir) of a server that ran.",
+    )
+    gen.add_argument("--tenant", metavar="ID", type=label, help="limit it to one tenant id")
+    gen.add_argument("--description", help="a note stored in the token's name")
+
+
 def add_config(verbs: Verbs) -> None:
-    parser = verbs.add("config", None, "Check a tenement.toml locally.")
-    check = Verbs(parser, verbs.common).add(
+    parser = verbs.add(
+        "config",
+        project.show,
+        "Show the nearest tenement.toml (or one FILE), or `config check FILE`.",
+        "Without a sub-verb: its data dir and services, as upstream's `ten config`.",
+    )
+    parser.add_argument("--file", metavar="FILE", help="this file instead of the nearest one")
+    check = Verbs(parser, verbs.common, required=False, dest="config_verb").add(
         "check",
         configcheck.check,
         "Check a tenement.toml's structure, key names and value types, offline.",
@@ -337,16 +401,39 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     verbs = Verbs(parser, common)
-    for add in (add_lifecycle, add_status, add_logs, add_tokens, add_config, add_releases):
+    parser.add_argument("--version", "-V", action="version", version=f"ten {version()}")
+    for add in (
+        add_lifecycle,
+        add_status,
+        add_logs,
+        add_tokens,
+        add_project,
+        add_config,
+        add_releases,
+    ):
         add(verbs)
     return parser
+
+
+def version() -> str:
+    """tenement-django's version (the upstream `ten` this replaces printed its own)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return f"{installed('tenement-django')} (tenement on Django)"
+    except PackageNotFoundError:
+        return "unknown (tenement on Django, not installed)"
 
 
 def resolve_defaults(args: argparse.Namespace) -> None:
     args.server = (
         getattr(args, "server", None) or os.environ.get("TENEMENT_SERVER") or DEFAULT_SERVER
     )
+    args.data_dir = getattr(args, "data_dir", None)
     args.token = getattr(args, "token", None) or os.environ.get("TENEMENT_TOKEN") or None
+    if args.token is None and args.verb not in LOCAL_VERBS:
+        args.token = project.token_from_file(args)
     args.json = getattr(args, "json", False)
     args.timeout = getattr(args, "timeout", DEFAULT_TIMEOUT)
 

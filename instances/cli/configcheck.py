@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from instances import config_checks
 from instances.cli.client import Exit
 from instances.cli.output import note, print_json
 from instances.ids import LABEL_RE, LABEL_RULE
@@ -110,13 +111,14 @@ SETTINGS: dict[str, Check] = {
     "health_check_interval": _seconds(positive=True),
     "max_restarts": _integer(0),
     "restart_window": _seconds(positive=True),
-    "backoff_base_ms": _integer(1),
+    "backoff_base_ms": _integer(0),
     "backoff_max_ms": _integer(1),
     "idle_timeout": _seconds(positive=False),
     "wake_timeout": _seconds(positive=True),
     "startup_timeout": _seconds(positive=True),
     "log_retention_lines": _integer(1),
     "uid_range": _string,
+    "port_range": _string,
 }
 SERVICE: dict[str, Check] = {
     "command": _string,
@@ -143,6 +145,8 @@ SERVICE: dict[str, Check] = {
     "pids_max": _integer(1),
     "storage_quota_mb": _integer(1),
     "storage_persist": _boolean,
+    "restart": _one_of("always", "on-failure", "never"),
+    "listen": _one_of("auto", "unix", "tcp"),
 }
 
 
@@ -174,7 +178,9 @@ def check_file(path: Path) -> list[str]:
 
 
 def check_tables(raw: dict[str, Any]) -> list[str]:
-    problems = [unknown(key, key, TOP) for key in raw if key not in TOP]
+    # Upstream keys we refuse come with the server's reason (and leave the rest checked).
+    problems = config_checks.refused_keys(raw)
+    problems += [unknown(key, key, TOP) for key in raw if key not in TOP]
     tables = {key: raw.get(key, {}) for key in TOP}
     for key, value in tables.items():
         if not isinstance(value, dict):

@@ -97,13 +97,20 @@ def report(args: Namespace, instance: Instance, what: str) -> int:
 
 
 def ps(args: Namespace) -> int:
-    query = {"service": args.service, "state": args.state}
+    query = {"service": args.service, "state": args.state, "all": "true" if args.all else None}
     instances = client_from(args).call("GET", api_path("instances"), query)
     if args.json:
         print_json(instances)
     else:
         rows = [ps_row(i) for i in sorted(instances, key=lambda i: i["key"])]
         print(table(PS_HEADERS, rows))
+    return Exit.OK
+
+
+def deregister(args: Namespace) -> int:
+    query = {"purge": "true"} if args.purge else None
+    client_from(args).call("POST", api_path("instances", args.instance, "deregister"), query)
+    print(f"{args.instance}: deregistered" + (", data deleted" if args.purge else ""))
     return Exit.OK
 
 

@@ -32,11 +32,9 @@ def logs(args: Namespace) -> int:
     if args.json:
         print_json(page)
         return Exit.OK
-    lines = page["results"]
     # Newest-first pages read best oldest-first, as tail shows them; ranked ones best first.
-    # Without --search the server always lists newest first.
-    newest_first = args.order == "newest" or not args.search
-    for line in reversed(lines) if newest_first else lines:
+    # Without --search or --order the server lists the newest lines oldest first already.
+    for line in reversed(page) if args.order == "newest" else page:
         print(format_line(line))
     return Exit.OK
 
@@ -63,7 +61,7 @@ def where_of(args: Namespace) -> dict[str, str | None]:
 def print_backlog(client: Client, args: Namespace) -> int | None:
     """The last few lines, oldest first, as tail -f starts; returns the newest line's id."""
     query = {**where_of(args), "limit": args.limit or FOLLOW_BACKLOG, "order": "newest"}
-    backlog = client.call("GET", SEARCH, query)["results"][::-1]
+    backlog = client.call("GET", SEARCH, query)[::-1]
     for line in backlog:
         show(line, args.json)
     return max((line["id"] for line in backlog), default=None)

@@ -178,4 +178,4 @@ class Bridge:
 
 
 def socket_of(rt: Runtime) -> str:
-    return rt.run_spec.socket_path(rt.key.instance_id)
+    return rt.upstream

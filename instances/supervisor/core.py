@@ -36,6 +36,7 @@ from instances.supervisor.lifecycle import Lifecycle
 from instances.supervisor.logs import FLUSH_INTERVAL, LogCollector
 from instances.supervisor.monitor import Monitor
 from instances.supervisor.persist import DbThread, Outbox
+from instances.supervisor.ports import PortPool
 from instances.supervisor.recovery import PidFiles, Recovery
 from instances.supervisor.releases import Releases
 from instances.supervisor.runtime import Runtime, State
@@ -93,6 +94,7 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery, Releases):
         self.logs = LogCollector(DbThread("tenement-db-logs"))
         run_dir = run_dir or Path(django_settings.TENEMENT_DATA_DIR) / "run"
         self.pidfiles = PidFiles(run_dir / "pids")
+        self.ports = PortPool()
         self.stop_event = asyncio.Event()
         self.force_event = asyncio.Event()  # a second signal: skip the drain
         self.wakeup = asyncio.Event()

@@ -43,6 +43,7 @@ SETTINGS_FIELDS = (
     "backoff_base_ms",
     "backoff_max_ms",
     "uid_range",
+    "port_range",
 )
 
 

@@ -1,4 +1,5 @@
-"""Health checks over a Unix socket: a real HTTP/1.1 exchange, always under a timeout."""
+"""Health checks over a Unix socket or a loopback TCP port (`tcp:127.0.0.1:PORT`): a real
+HTTP/1.1 exchange, always under a timeout."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import NamedTuple
 
 import h11
 
+from instances.addresses import parse_tcp
 from instances.supervisor import fds
 
 MAX_RESPONSE_HEAD = 64 * 1024
@@ -45,15 +47,21 @@ def _describe_error(e: Exception) -> str:
     return f"{type(e).__name__}: {e}"
 
 
+async def _open(address: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    if (tcp := parse_tcp(address)) is not None:
+        return await asyncio.open_connection(*tcp)
+    return await asyncio.open_unix_connection(address)
+
+
 async def _connect_only(socket_path: str) -> HealthResult:
-    _reader, writer = await asyncio.open_unix_connection(socket_path)
+    _reader, writer = await _open(socket_path)
     writer.close()
     await writer.wait_closed()
     return HealthResult(True, "socket accepts connections")
 
 
 async def _http_get(socket_path: str, path: str) -> HealthResult:
-    reader, writer = await asyncio.open_unix_connection(socket_path)
+    reader, writer = await _open(socket_path)
     try:
         conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_RESPONSE_HEAD)
         request = h11.Request(

@@ -278,6 +278,18 @@ def bwrap_options(
     return opts
 
 
+def hidden_workdir(spec: ServiceSpec, instance_id: str, cwd: Path) -> str | None:
+    """In a namespace the data root and the control plane's folders are empty tmpfs: a
+    working directory there (a config file kept in the data dir) would not exist inside.
+    The folder that hides it, or None."""
+    if spec.isolation != "namespace" or cwd.is_relative_to(spec.instance_dir(instance_id)):
+        return None
+    for folder in _outermost([spec.data_dir, *control_plane_dirs()]):
+        if cwd.is_relative_to(folder):
+            return folder
+    return None
+
+
 # Files no tenant may reach even where they are otherwise visible (see mask()).
 _masked: set[str] = set()
 

@@ -10,15 +10,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from django.db.models import F
 from django.utils import timezone
 
 from instances import metrics
-from instances.config import parse_uid_range
+from instances.addresses import tcp_address
+from instances.config import parse_port_range, parse_uid_range
 from instances.supervisor import fds, isolation, process, store
 from instances.supervisor.bridge import GOING_AWAY, RESTARTING
+from instances.supervisor.health import HealthResult
+from instances.supervisor.ports import PortsExhausted
 from instances.supervisor.recovery import ChildRecord
 from instances.supervisor.runtime import EXPECTED_STOPS, Desired, Runtime, State
 
@@ -110,6 +114,8 @@ class Lifecycle:
             if self.by_pk.get(rt.pk) is not rt:  # deregistered: its record goes with it
                 self.pidfiles.remove(rt.pk)
             rt.proc = None
+            self.ports.release(rt.port)
+            rt.port, rt.address = None, ""
             rt.ready.clear()
             rt.notify()
             self.poke()
@@ -134,8 +140,9 @@ class Lifecycle:
         try:
             # Room for the pid record first: a child we could not record must not run.
             self.pidfiles.reserve(rt.pk)
-            launch = await process.spawn(rt.run_spec, rt.key.instance_id, self.uid_for(rt))
-        except (process.SpawnError, ValueError, OSError) as e:
+            rt.port = self.ports.allocate(parse_port_range(self.settings.port_range))
+            launch = await process.spawn(rt.run_spec, rt.key.instance_id, self.uid_for(rt), rt.port)
+        except (process.SpawnError, ValueError, OSError, PortsExhausted) as e:
             self.set_state(rt, State.STARTING, "starting", f"starting {rt.key}")
             self.handle_failure(rt, _spawn_error(e))
             return None
@@ -162,6 +169,7 @@ class Lifecycle:
             pid=proc.pid,
             pid_create_time=ticks,
             socket_path=rt.run_spec.socket_path(rt.key.instance_id),
+            port=rt.port,
             started_at=timezone.now(),
             uid=rt.uid,
             isolation=launch.isolation,
@@ -192,7 +200,7 @@ class Lifecycle:
                 left = deadline - self.clock()
                 if left <= 0:
                     return False
-                result = await self.probe(rt, min(left, MAX_HEALTH_TIMEOUT))
+                result = await self.probe_listener(rt, min(left, MAX_HEALTH_TIMEOUT))
                 if result.ok:
                     return not rt.stopping  # a stop that arrived during the probe wins
                 # Wait for the process to exit or the next probe, whichever comes first.
@@ -201,6 +209,20 @@ class Lifecycle:
             return False
         finally:
             exited.cancel()
+
+    async def probe_listener(self: Supervisor, rt: Runtime, timeout: float) -> HealthResult:
+        """The readiness probe: `listen` says where. With auto, the Unix socket once it
+        exists (an app that opened both is reached over it), else the TCP port."""
+        spec, instance_id = rt.run_spec, rt.key.instance_id
+        unix = spec.socket_path(instance_id)
+        tcp = tcp_address(rt.port) if rt.port is not None and spec.tcp_allowed else ""
+        if spec.listen == "tcp" or (
+            spec.listen == "auto" and tcp and not await asyncio.to_thread(os.path.exists, unix)
+        ):
+            rt.address = tcp
+        else:
+            rt.address = unix
+        return await self.probe(rt, timeout)
 
     def probe_cap(self: Supervisor, rt: Runtime) -> float:
         """Probe every 5 ms for the first 2 s: a request may be held on this wake, and
@@ -224,6 +246,7 @@ class Lifecycle:
             health_ok=True,
             health_checked_at=timezone.now(),
             last_activity=timezone.now(),
+            socket_path=rt.upstream,
             last_error="",
         )
 
@@ -255,33 +278,66 @@ class Lifecycle:
                 f"stopped ({rt.stopping}): {how}",
                 pid=None,
                 pid_create_time=None,
+                port=None,
                 last_exit_code=code,
             )
             return
+        if code == 0 and not rt.failure and spec.restart == "on-failure":
+            if not spec.storage_persist:  # a stop like any other
+                await asyncio.to_thread(process.wipe_data, spec, rt.key.instance_id)
+            self.exited_cleanly(rt, how)
+            return
         self.handle_failure(rt, rt.failure or f"crashed: {how}", last_exit_code=code)
+
+    def exited_cleanly(self: Supervisor, rt: Runtime, how: str) -> None:
+        """restart = "on-failure": an exit with status 0 nobody asked for is a stop, not a
+        crash. It sleeps as after an idle stop: the next request wakes it."""
+        rt.desired = Desired.STOPPED
+        self.outbox.put(
+            "clean exit",
+            store.update_if_unchanged,
+            rt.pk,
+            rt.seen_version,
+            desired_state=Desired.STOPPED,
+        )
+        self.set_state(
+            rt,
+            State.STOPPED,
+            "stopped",
+            f"exited on its own ({how}); not restarted (restart = on-failure)",
+            pid=None,
+            pid_create_time=None,
+            port=None,
+            last_exit_code=0,
+        )
+
+    def give_up(self: Supervisor, rt: Runtime, message: str, **fields: Any) -> None:
+        """`failed`: no restart until a manual start."""
+        log.error(
+            "%s failed: %s",
+            rt.key,
+            message,
+            extra={"event": "failed", "instance": rt.key, "reason": rt.failure},
+        )
+        self.bridge.down(rt, failed=True)
+        self.set_state(rt, State.FAILED, "failed", message, **fields)
 
     def handle_failure(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
         rt.failure = reason
         if self.fall_back(rt, reason):
             return
-        fields.update(pid=None, pid_create_time=None, last_error=reason)
+        fields.update(pid=None, pid_create_time=None, port=None, last_error=reason)
         if fds.pressure.recent():
             self.defer_restart(rt, reason, **fields)
             return
         delay = rt.policy.next_delay(self.clock())
+        if rt.run_spec.restart == "never":
+            self.give_up(rt, f"{reason}; not restarted (restart = never)", **fields)
+            return
         if delay is None:
-            log.error(
-                "%s failed: %s; restarted too often, giving up",
-                rt.key,
-                reason,
-                extra={"event": "failed", "instance": rt.key, "reason": reason},
-            )
-            self.bridge.down(rt, failed=True)
-            self.set_state(
+            self.give_up(
                 rt,
-                State.FAILED,
-                "failed",
                 f"{reason}; more than {self.settings.max_restarts} restarts in "
                 f"{self.settings.restart_window:g}s: giving up until a manual start",
                 **fields,

@@ -77,7 +77,7 @@ class Monitor:
         """One health check against the spec the process was started with."""
         spec = rt.run_spec
         try:
-            return await health.check(spec.socket_path(rt.key.instance_id), spec.health, timeout)
+            return await health.check(rt.upstream, spec.health, timeout)
         except Exception as e:  # a bad path or template must fail the check, not the loop
             return health.HealthResult(False, f"cannot run the health check: {e}")
 

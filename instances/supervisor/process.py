@@ -133,7 +133,9 @@ def use_pidfd_child_watcher() -> None:
 _attached: dict[str, asyncio.AbstractEventLoop] = {}
 
 
-async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> Launch:
+async def spawn(
+    spec: ServiceSpec, instance_id: str, uid: int | None = None, port: int | None = None
+) -> Launch:
     """Start the app confined as its service says, in its own session and cgroup,
     stdout/stderr piped for log capture."""
     use_pidfd_child_watcher()
@@ -144,11 +146,18 @@ async def spawn(spec: ServiceSpec, instance_id: str, uid: int | None = None) -> 
     except IsolationUnavailable as e:
         raise SpawnError(str(e)) from None
     prepare_dirs(spec, instance_id, ident)
-    env = spec.environment(instance_id, _parent_env(ident))
+    env = spec.environment(instance_id, _parent_env(ident), port)
     cwd = spec.cwd(instance_id)
     if not cwd.is_dir():
         raise SpawnError(f"workdir does not exist: {cwd}")
-    argv = spec.argv(instance_id)
+    argv = spec.argv(instance_id, port)
+    if names_files_in(argv, cwd):
+        check_passable(cwd, ident)
+    if (hidden := isolation.hidden_workdir(spec, instance_id, cwd)) is not None:
+        raise SpawnError(
+            f"the working directory {cwd} is inside {hidden}, which the sandbox hides "
+            "(tenement's data); keep the apps and their config elsewhere, or set `workdir`"
+        )
     argv[0] = resolve_program(argv, env, cwd)
     group = _cgroup(spec, instance_id, h)
     try:
@@ -219,9 +228,32 @@ TENANT_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def _parent_env(ident: Identity) -> dict[str, str]:
     env = dict(os.environ)
-    if ident.uid is not None:
-        env["PATH"] = TENANT_PATH
+    env["PATH"] = TENANT_PATH
     return env
+
+
+def names_files_in(argv: list[str], cwd: Path) -> bool:
+    """Whether the command names files by paths relative to its working directory
+    (`./run.sh`, `python3 app.py`, `node server.js`): then the app resolves them."""
+    return any(w and not os.path.isabs(w) and (cwd / w).exists() for w in argv)
+
+
+def check_passable(folder: Path, ident: Identity) -> None:
+    """A command that names files in its working directory (by default the config file's
+    folder) needs the tenant's uid to pass every folder above it: runtimes resolve such
+    paths to absolute ones (Node, Go, Python's sys.path). The chdir itself is done as
+    root, so without this the app fails later with a bare EACCES: say where instead."""
+    if ident.uid is None:
+        return
+    for path in [folder, *folder.parents]:
+        st = path.stat()
+        bit = 0o100 if st.st_uid == ident.uid else 0o001
+        if not st.st_mode & bit:
+            raise SpawnError(
+                f"the working directory {folder} is not reachable by the tenant's uid "
+                f"{ident.uid}: {path} is mode {st.st_mode & 0o777:04o} owned by uid "
+                f"{st.st_uid}; let others pass (chmod o+x {path}) or set `workdir`"
+            )
 
 
 def signal_group(pgid: int, sig: signal.Signals) -> bool:

@@ -33,6 +33,10 @@ class Runtime:
     seen_version: datetime | None = None
     proc: asyncio.subprocess.Process | None = None
     cgroup: InstanceCgroup | None = None
+    # $PORT of the current process, and where it was found listening once ready (its
+    # Unix socket path or tcp:127.0.0.1:PORT): health checks and the proxy go there.
+    port: int | None = None
+    address: str = ""
     # The tenant's own uid (stored in its row), allocated on its first start as root.
     uid: int | None = None
     # The last storage_quota_mb threshold crossed (0, 80 or 100 percent).
@@ -70,6 +74,10 @@ class Runtime:
     def notify(self) -> None:
         changed, self.changed = self.changed, asyncio.Event()
         changed.set()
+
+    @property
+    def upstream(self) -> str:
+        return self.address or self.run_spec.socket_path(self.key.instance_id)
 
     @property
     def run_spec(self) -> ServiceSpec:

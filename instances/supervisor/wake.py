@@ -96,7 +96,7 @@ class Waker:
         noticed, wait for it (briefly), so the wake that follows starts a fresh copy
         instead of answering "ready" with the dead one."""
         rt = self.runtimes.get(key)
-        if rt is None or not rt.ready.is_set() or rt.run_spec.socket_path(key[1]) != socket:
+        if rt is None or not rt.ready.is_set() or rt.upstream != socket:
             return
         if (await health.check(socket, "", SUSPECT_PROBE_TIMEOUT)).ok:
             return  # it answers now: the proxy's failure was a passing one

@@ -94,10 +94,10 @@
   async function fillGap() {
     filling = true;
     try {
-      const url = `${log.dataset.searchUrl}?instance=${encodeURIComponent(key)}&limit=${FILL_LIMIT}`;
+      const url = `${log.dataset.searchUrl}?instance=${encodeURIComponent(key)}&limit=${FILL_LIMIT}&order=newest`;
       const response = await fetch(url, { credentials: "same-origin", headers: { Accept: "application/json" } });
       if (response.ok) {
-        const results = (await response.json()).results.filter((l) => l.id > lastId).reverse();
+        const results = (await response.json()).filter((l) => l.id > lastId).reverse();
         if (results.length === FILL_LIMIT) results.unshift({ gap: true });
         accept(results);
       }

@@ -1,7 +1,7 @@
 """An ASGI tenant app for the proxy tests, run by uvicorn on $SOCKET_PATH.
 
 GET  /health            200
-GET  /whoami            {"instance": ..., "pid": ..., "release": $RELEASE}
+GET  /whoami            {"instance": ..., "pid": ..., "release": $RELEASE, "port": $PORT}
 GET  /headers           the request headers as JSON (lists, in order)
 POST /upload            streams the body in; answers {"bytes": n, "sha256": ...}
 GET  /download?mb=N     N MiB of a repeating pattern, streamed in 64 KiB chunks (chunked)
@@ -48,7 +48,8 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         await answer(send, 200, headers)
     elif path == "/whoami":
         who = {"instance": os.environ["INSTANCE_ID"], "pid": os.getpid()}
-        await answer(send, 200, {**who, "release": os.environ.get("RELEASE", "")})
+        extra = {"release": os.environ.get("RELEASE", ""), "port": os.environ.get("PORT")}
+        await answer(send, 200, {**who, **extra})
     elif path == "/active":
         await answer(send, 200, ACTIVE)
     else:

@@ -7,6 +7,7 @@ TESTAPP_IGNORE_TERM  "1": ignore SIGTERM
 TESTAPP_EXIT_AFTER   seconds after start to exit with TESTAPP_EXIT_CODE (default 3)
 TESTAPP_LINES        print this many numbered lines to stdout at start
 TESTAPP_LONG_LINE    print one line of this many bytes, then "after the long line"
+TESTAPP_ALSO_PORT    "1": also serve on 127.0.0.1:$PORT
 """
 
 from __future__ import annotations
@@ -96,6 +97,9 @@ def main() -> None:
     if os.path.exists(path):
         os.unlink(path)
     server = Server(path, Handler)
+    if ENV.get("TESTAPP_ALSO_PORT") == "1":
+        tcp = socketserver.ThreadingTCPServer(("127.0.0.1", int(ENV["PORT"])), Handler)
+        threading.Thread(target=tcp.serve_forever, daemon=True).start()
     print(f"listening on {path}", flush=True)
     server.serve_forever()
 

@@ -74,4 +74,7 @@ class Command(OperatorCommand):
             # As it last started (the service's level and limits, the tenant's uid).
             "isolation": i.isolation or None,
             "uid": i.uid,
+            # Where the proxy reaches it: its socket, or tcp:127.0.0.1:PORT; and its $PORT.
+            "upstream": i.socket_path or None,
+            "port": i.port,
         }
