@@ -15,8 +15,9 @@ from typing import Any
 from asgiref.sync import sync_to_async
 from django.conf import settings
 
-from instances import metrics
+from instances import metrics, timeline
 from instances.ids import InstanceKey
+from proxy import hooks
 from proxy import state as proxy_state
 from proxy.http import Exchange
 from proxy.responses import plain
@@ -26,6 +27,7 @@ from routing.hosts import Control, MalformedHost, Route, Tenant, Weighted, resol
 from routing.table import Target
 
 log = logging.getLogger("tenement.proxy")
+access_log = logging.getLogger("tenement.access")
 
 ASGIApp = Callable[[dict[str, Any], Any, Any], Awaitable[None]]
 
@@ -71,6 +73,34 @@ def host_of(scope: dict[str, Any]) -> bytes | None:
     return found or b""
 
 
+def log_access(exchange: Exchange, scope: dict[str, Any], took: float) -> None:
+    """One line per tenant request (TENEMENT_ACCESS_LOG=1), with fields for log shippers.
+    Status 499: the client left before any response (nginx's convention)."""
+    client = scope.get("client")
+    fields = {
+        "event": "access",
+        "instance": str(exchange.key),
+        "method": scope["method"],
+        "path": scope["path"],
+        "status": exchange.status or 499,
+        "duration_ms": round(took * 1000, 2),
+        "bytes": exchange.sent_bytes,
+        "request_id": exchange.rid.decode("latin-1"),
+        "wake_ms": exchange.woke_ms,
+        "client": client[0] if client else None,
+    }
+    access_log.info(
+        "%s %s %s %d %dB %.1fms",
+        fields["instance"],
+        fields["method"],
+        fields["path"],
+        fields["status"],
+        fields["bytes"],
+        fields["duration_ms"],
+        extra=fields,
+    )
+
+
 class HostRouter:
     """ASGI app for one protocol ("http" or "websocket")."""
 
@@ -80,6 +110,8 @@ class HostRouter:
         self.domain = settings.TENEMENT_DOMAIN
         self.observe = metrics.request_recorder()  # None with TENEMENT_METRICS off
         self.observe_release = metrics.release_request_recorder()
+        self.access_log = settings.TENEMENT_ACCESS_LOG
+        self.timeline = timeline.current()  # the dashboard's charts
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         host = host_of(scope)
@@ -88,7 +120,13 @@ class HostRouter:
             return
         route = route_for(host, self.domain)
         if isinstance(route, Control):
-            await self.control(scope, receive, send)
+            # The reverse-proxy hooks (wake, Caddy's ask) answer from memory, not Django.
+            if not (
+                self.protocol == "http"
+                and scope["path"].startswith(hooks.PREFIX)
+                and await hooks.serve(scope, receive, send, self.domain)
+            ):
+                await self.control(scope, receive, send)
         elif isinstance(route, Tenant):
             await self.tenant(route, host, scope, receive, send)
         elif isinstance(route, Weighted):
@@ -96,7 +134,7 @@ class HostRouter:
         elif isinstance(route, Malformed):
             await self.refuse(send, 400, "malformed Host header")
         else:
-            await self.refuse(send, 404, f"no tenant is served at {route.host}")
+            await self.custom_domain(route.host, host, scope, receive, send)
 
     async def tenant(
         self, route: Tenant, host: bytes, scope: dict[str, Any], receive: Any, send: Any
@@ -159,12 +197,27 @@ class HostRouter:
             await exchange.run()
         finally:
             state.closed(key)
+            took = time.perf_counter() - began
             if self.observe is not None:
-                self.observe(key, exchange.status, time.perf_counter() - began)
+                self.observe(key, exchange.status, took)
             if self.observe_release is not None:
                 # After the exchange: a wake may have started it on a new release.
                 if name := release or state.release_of.get(key):
                     self.observe_release(key.service, name, exchange.status)
+            self.timeline.request(key, took)
+            if self.access_log:
+                log_access(exchange, scope, took)
+
+    async def custom_domain(
+        self, name: str, host: bytes, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        """A tenant's own domain (routing.Domain) goes where its own host goes."""
+        state = await proxy_state.current()
+        key = state.table.domains.get(name)
+        if key is None:
+            await self.refuse(send, 404, f"no tenant is served at {name}")
+            return
+        await self.tenant(Tenant(key), host, scope, receive, send)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

@@ -9,7 +9,9 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REASONS = {
     400: "bad request",
+    308: "permanent redirect",
     404: "not found",
+    405: "method not allowed",
     413: "request body too large",
     502: "bad gateway",
     503: "service unavailable",

@@ -36,7 +36,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from instances import metrics
+from instances import metrics, timeline
 from instances.ids import InstanceKey, parse_key
 from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
 from proxy.upstream import Pools
@@ -318,7 +318,9 @@ class ProxyState:
         pending.counted = True
         error = future.exception()
         if error is None:
-            metrics.wake_finished(key, "ok", time.monotonic() - pending.began)
+            took = time.monotonic() - pending.began
+            metrics.wake_finished(key, "ok", took)
+            timeline.current().wake(key, took)
         elif isinstance(error, WakeRejected) and error.refused:
             # A proxy that started after the instance failed learns it only now: each
             # request it held was refused, as those refused up front are.

@@ -2,9 +2,9 @@
 
 `{id}.{service}.{domain}` is tenant `service:id`; `{service}.{domain}` is the service's
 weighted host (upstream's shape: each request goes to one of its instances, by weight);
-the bare domain (and IP literals) is the control host (Django). Anything else under no
-known name is "unknown" (404). A Host that is not a valid host name at all is malformed
-(400).
+the bare domain (and `localhost` and IP literals) is the control host (Django). Anything
+else under no known name is "unknown" (404). A Host that is not a valid host name at all
+is malformed (400).
 """
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ def _check_port(port: str, raw: str) -> None:
 def resolve(raw_host: str, domain: str) -> Route:
     """Where a request for `raw_host` goes, given the control domain."""
     host = normalize(raw_host)
-    if host == domain or _is_ip_literal(host):
+    # localhost too, whatever the domain: on-host health checks and the CLI always work.
+    if host == domain or host == "localhost" or _is_ip_literal(host):
         return Control()
     suffix = "." + domain
     if not host.endswith(suffix):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
-#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool)
+#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool,
+#                                 pebble)
 #   scripts/system-deps.sh bench  what `make bench` needs (also nginx and wrk)
 set -euo pipefail
 
@@ -21,10 +22,17 @@ case "$mode" in
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # promtool checks the live /metrics and the alerting rules.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Reverse proxies in front of tenement (tests/test_behind_proxy.py), and the
+    # self-signed certificate the nginx test makes.
+    [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+    command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     # Upstream's multi-runtime example (run unchanged by the drop-in tests) has a Go app.
     command -v go >/dev/null 2>&1 || missing+=(golang-go)
     # The Node PORT-only test app's WebSockets (Debian's ws module, /usr/share/nodejs).
     [[ -d /usr/share/nodejs/ws ]] || missing+=(node-ws)
+    # A real ACME server for the TLS tests (the package ships pebble-challtestsrv too).
+    [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || missing+=(pebble)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

@@ -200,7 +200,11 @@ def test_stop_and_restart(page: Page, dash: Dashboard) -> None:
 
     open_overview(page, dash, "?q=carol")
     track(page, key)
-    row(page, key).locator('button[data-action="restart"]').click()
+    # Sleeping: Start and Deregister only (Stop and Restart would do nothing).
+    actions = row(page, key).locator("button[data-action]")
+    assert actions.evaluate_all("bs => bs.map(b => b.dataset.action)") == ["start", "deregister"]
+    expect(row(page, key).locator("span.state")).to_have_text("sleeping")
+    row(page, key).locator('button[data-action="start"]').click()
     expect(row(page, key)).to_have_attribute("data-state", "running", timeout=WAIT_MS)
     expect(row(page, key).locator("span.state")).to_have_text("running")
     assert dash.rows()[key]["state"] == "running"
@@ -391,6 +395,42 @@ def test_releases_shift_a_weight_see_tenants_move_switch_and_roll_back(
 
 
 # ---- phone width, keyboard, labels ---------------------------------------------------------------
+
+
+def chart_ready(page: Page, names: list[str], check: str) -> None:
+    """Wait until every named chart exists and `check` (JS, `d` its y values) holds."""
+    page.wait_for_function(
+        """([names, check]) => names.every(n => {
+            const c = window.tenementCharts && window.tenementCharts[n];
+            return c && new Function("d", "return " + check)(c.data[1]);
+        })""",
+        arg=[names, check],
+        timeout=WAIT_MS,
+    )
+
+
+def test_charts_of_the_last_hour(page: Page, dash: Dashboard) -> None:
+    for _ in range(5):
+        assert dash.tenant_get("steady:dave", "/")[0] == 200
+    open_overview(page, dash)
+    # Drawn by uPlot (served from our static files), with points from the proxy's and the
+    # supervisor's own counts.
+    chart_ready(page, ["running"], "d.some(v => v >= 2)")
+    chart_ready(page, ["req_per_s"], "d.some(v => v > 0)")
+    chart_ready(page, ["wakes"], "d.length > 0")
+    assert page.locator("#charts canvas").count() == 3
+    screenshot(page.locator("#charts"), "charts-overview")
+    expect(page.locator("#grafana-link")).to_have_attribute(
+        "href", "https://grafana.example/d/tenement"
+    )
+    page.goto(f"{dash.url}/instances/steady:dave/")
+    chart_ready(page, ["requests"], "d.some(v => v >= 1)")
+    chart_ready(page, ["rss_mb"], "d.some(v => v > 1)")
+    chart_ready(page, ["p95_ms", "wake_ms"], "d.length > 0")
+    assert page.locator("#charts canvas").count() == 4
+    screenshot(page.locator("#charts"), "charts-detail")
+    script = page.locator('script[src*="uPlot"]').get_attribute("src")
+    assert script is not None and script.startswith("/static/")  # no CDN
 
 
 def test_layout_at_390px(browser: Browser, dash: Dashboard) -> None:

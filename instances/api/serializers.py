@@ -174,9 +174,10 @@ class InstanceSerializer(serializers.ModelSerializer):
         return proc.cpu_percent(interval=None) if proc else None
 
     def get_url(self, obj: Instance) -> str:
-        from django.conf import settings
+        """As the dashboard shows it: the scheme and port the API was reached on."""
+        from instances.dashboard.display import tenant_url
 
-        return f"http://{obj.instance_id}.{obj.service.name}.{settings.TENEMENT_DOMAIN}/"
+        return tenant_url(self.context["request"], obj)
 
 
 LIST_STORAGE_ENTRIES = 1000

@@ -7,7 +7,17 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, project, releases, tokens
+from instances.cli import (
+    configcheck,
+    install,
+    lifecycle,
+    logs,
+    project,
+    proxyconf,
+    releases,
+    tls,
+    tokens,
+)
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -391,6 +401,10 @@ def add_releases(verbs: Verbs) -> None:
     changes.add_argument("service", metavar="SVC", nargs="?", type=label)
 
 
+def add_tls(verbs: Verbs) -> None:
+    tls.add_verbs(verbs, instance_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(
@@ -410,8 +424,11 @@ def build_parser() -> argparse.ArgumentParser:
         add_project,
         add_config,
         add_releases,
+        add_tls,
     ):
         add(verbs)
+    proxyconf.add(verbs)
+    install.add(verbs)
     return parser
 
 

@@ -420,6 +420,10 @@ class Lifecycle:
         self: Supervisor, rt: Runtime, new: str, kind: str, message: str, **fields: Any
     ) -> None:
         """Move to `new` now, and queue the database's copy of it (never awaited)."""
+        if new == State.STOPPED:
+            # No process, no verdict: a stopped instance is neither healthy nor failing.
+            rt.health_ok = None
+            fields.setdefault("health_ok", None)
         old = self.enter_state(rt, new, message)
         what = f"{rt.key} -> {new}"
         self.outbox.put(what, store.transition, rt.pk, old, new, kind, message, **fields)
