@@ -3,11 +3,11 @@
 scripts/e2e.sh of upstream tenement v0.2.2 writes its apps and its tenement.toml with
 heredocs; we take them from the script at test time, unchanged (only ${DATA_DIR} is
 filled in, as the shell does), and run its scenarios as tests with upstream's `ten`:
-spawn, stop, restart, ps, health, logs (and -f's endpoint), config, init, token file.
+spawn, stop, restart, ps, health, logs (and -f's endpoint), config, init, token file,
+and weighted routing, `weight`, `deploy`, `route` (weighted-multi, weighted-reselect,
+deploy-route).
 
 Not ported here, and why:
-- weighted routing, `weight`, `deploy`, `route` (scenarios weighted-multi,
-  weighted-reselect, deploy-route): releases, issue 14;
 - fastapi-example: needs `uv` and network access to PyPI;
 - upstream's `ten token-gen` writes upstream's own database, which our server does not
   read: tokens are minted with our `ten token-gen` (same verb, same {data_dir}/api_token
@@ -402,3 +402,65 @@ def test_our_ten_speaks_upstreams_verbs_too(up: Upstream, tmp_path: Path) -> Non
     (tmp_path / "app").chmod(0o755)
     config = load_config(tmp_path / "tenement.toml", tmp_path / "data")
     assert config.services["demo"]["command"] == "./app"
+
+
+# ---- weighted routing, deploy, route (releases) --------------------------------------------
+
+
+def ids_seen(up: Upstream, host: str, n: int) -> dict[str, int]:
+    """e2e.sh's loop: n requests to the weighted host, counted by the id that answered."""
+    seen = {"a": 0, "b": 0}
+    for _ in range(n):
+        status, body = up.get(host)
+        if status != 200:
+            continue  # `|| continue`, as the script does
+        match = re.search(r"id=(\w+)", body)
+        if match:
+            seen[match[1]] = seen.get(match[1], 0) + 1
+    return seen
+
+
+def test_weighted_multi_instance(up: Upstream) -> None:
+    up.spawned("weighted:a")
+    up.spawned("weighted:b")
+    up.until("weighted:a serving", lambda: up.serving("a.weighted"), 15)
+    up.until("weighted:b serving", lambda: up.serving("b.weighted"), 15)
+    seen = ids_seen(up, "weighted", 40)
+    assert seen["a"] > 0 and seen["b"] > 0, seen
+    up.ten("weight", "weighted:a", "0")
+    up.ten("weight", "weighted:b", "100")
+    skew = ids_seen(up, "weighted", 20)
+    assert skew["a"] == 0 and skew["b"] > 0, skew
+    up.stopped("weighted:a")
+    up.stopped("weighted:b")
+
+
+def test_weighted_reselect(up: Upstream) -> None:
+    # Upstream's ids are wr_a and wr_b: '_' is not allowed in a DNS label (our ids become
+    # host names), so ours drop it.
+    up.spawned("weighted:wra")
+    up.spawned("weighted:wrb")
+    up.until("wra serving", lambda: up.serving("wra.weighted"), 15)
+    up.until("wrb serving", lambda: up.serving("wrb.weighted"), 15)
+    pid = int(re.search(r"pid=(\d+)", up.get("wra.weighted")[1])[1])  # type: ignore[index]
+    up.app_pids.add(pid)
+    os.kill(pid, signal.SIGKILL)
+    fails = sum(1 for _ in range(15) if up.get("weighted", timeout=5)[0] != 200)
+    assert fails == 0, f"{fails}/15 weighted requests failed after killing one backend"
+    up.stopped("weighted:wra")
+    up.stopped("weighted:wrb")
+
+
+def test_deploy_route(up: Upstream) -> None:
+    up.ten("deploy", "bg:v1", "--weight", "100", "--timeout", "30")
+    up.until("bg:v1 in ps", lambda: up.in_ps("bg:v1"), 15)
+    up.until("v1 serving", lambda: up.serving("v1.bg"), 15)
+    up.ten("deploy", "bg:v2", "--weight", "0", "--timeout", "30")
+    up.until("v2 serving", lambda: up.serving("v2.bg"), 15)
+    pre = [up.get("bg")[1] for _ in range(10)]
+    assert any("id=v1" in r for r in pre) and not any("id=v2" in r for r in pre), pre
+    up.ten("route", "bg", "--from", "v1", "--to", "v2")
+    post = [up.get("bg")[1] for _ in range(10)]
+    assert not any("id=v1" in r for r in post) and any("id=v2" in r for r in post), post
+    up.stopped("bg:v1")
+    up.stopped("bg:v2")

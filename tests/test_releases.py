@@ -258,6 +258,7 @@ def test_upstream_weight_and_route_answer_upstreams_json(service: Service) -> No
     response = api.put("/api/instances/notes:t1/weight", {"weight": 0}, format="json")
     assert response.json() == {"instance": "notes:t1", "weight": 0}
     assert Instance.objects.get(instance_id="t1").weight == 0
+    assert api.get("/api/instances/notes:t1/").json()["weight"] == 0  # upstream's field too
     response = api.post("/api/route", {"process": "notes", "from": "t2", "to": "t1"}, format="json")
     assert response.json() == {
         "from_instance": "notes:t2",

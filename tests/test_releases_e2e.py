@@ -50,7 +50,7 @@ def config() -> str:
     for name, idle in (("web", 0), ("bg", 0), ("weighted", 0), ("sleepy", 2), ("blue", 0)):
         parts.append(f"[service.{name}]" + SERVICE.format(app=APP, idle=idle))
     parts.append(f'[service.never]\ncommand = "{TENANT_PYTHON} {TESTAPP}"\nhealth = "/health"\n')
-    parts.append('isolation = "process"\nstartup_timeout = 2\n')
+    parts.append('isolation = "process"\nstartup_timeout = 1\nenv = { TESTAPP_HEALTH = "{id}" }\n')
     return "\n".join(parts)
 
 
@@ -177,17 +177,15 @@ def test_upstream_weighted_wakes_a_sleeping_instance_and_skips_a_failed_one(
     server.wait_states({"sleepy:s1": "running"})
     server.wait_states({"sleepy:s1": "stopped"}, timeout=30)  # idle_timeout = 2
     assert count_by_instance(server, "sleepy.localhost", 3) == {"s1": 3}
-    server.register("never", ["ok", "bad"], start=False)
-    # "bad" never gets healthy under its release override, and is failed for good.
-    server.sql(
-        "UPDATE instances_instance SET state = 'failed' WHERE instance_id = 'bad' AND "
-        "service_id = (SELECT id FROM instances_service WHERE name = 'never')"
-    )
+    # never:fail answers /health with 500 (TESTAPP_HEALTH = "{id}"): a real crash loop.
+    server.register("never", ["ok", "fail"])
+    server.wait_states({"never:ok": "running", "never:fail": "failed"}, timeout=60)
+    seen = collections.Counter(server.get("never.localhost", "/health")[0] for _ in range(30))
+    assert seen == {200: 30}
+    # Weight 0 for the one healthy instance: nothing is left to take traffic.
     server.ten(upstream_ten, "weight", "never:ok", "0")
-    status, _ = server.get("never.localhost", "/health")
-    # The proxy learns about "bad" being failed on its first wake; after that, only
-    # 503 "no instance takes traffic" (ok has weight 0), never a request to bad.
-    assert status == 503
+    status, body = server.get("never.localhost", "/health")
+    assert status == 503 and b"no instance of never takes traffic" in body
 
 
 def test_upstream_deploy_and_route(server: Server, upstream_ten: Path) -> None:

@@ -83,7 +83,6 @@ class InstanceSerializer(serializers.ModelSerializer):
     health = serializers.SerializerMethodField(help_text="healthy|unhealthy|failed|unknown")
     storage_used_bytes = serializers.SerializerMethodField()
     storage_quota_bytes = serializers.SerializerMethodField()
-    weight = serializers.SerializerMethodField(help_text="traffic weight 0-100")
 
     class Meta:
         model = Instance
@@ -120,8 +119,8 @@ class InstanceSerializer(serializers.ModelSerializer):
             "started_at",
             "last_activity",
             "created_at",
-            # Releases: the weighted host's share, the pin, the release it last ran healthy on.
-            "weight",
+            # Releases: the pin and the release it last ran healthy on ("weight", upstream's
+            # share of the weighted host, is listed with upstream's fields above).
             "release",
             "last_release",
         ]
@@ -153,10 +152,6 @@ class InstanceSerializer(serializers.ModelSerializer):
     def get_storage_quota_bytes(self, obj: Instance) -> int | None:
         quota = obj.service.storage_quota_mb
         return quota * 2**20 if quota else None
-
-    def get_weight(self, obj: Instance) -> int:
-        # Releases (weighted routing) are not built yet: every instance takes full traffic.
-        return 100
 
     def get_uptime_seconds(self, obj: Instance) -> float | None:
         return obj.uptime_seconds(self.context.get("now"))

@@ -57,7 +57,8 @@ class TelemetryView(APIView):
         if tenant := tenant_of(request):
             qs = qs.filter(instance_id=tenant)
         totals = request_totals()
-        context = {"now": time.time()}
+        # get_url needs the request (the tenant URL is built on the host it was reached on).
+        context = {"now": time.time(), "request": request}
         rows = [telemetry_row(instance, totals, context) for instance in qs]
         requests = totals[0]
         summary = {
