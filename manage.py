@@ -9,11 +9,12 @@ import sys
 
 def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tenement_site.settings")
-    from tenement_site.bootstrap import apply_cli_overrides
+    from tenement_site import bootstrap
 
     # --data-dir and --domain decide where the database lives, so they must be
     # applied before Django reads its settings.
-    apply_cli_overrides(sys.argv)
+    bootstrap.apply_cli_overrides(sys.argv)
+    bootstrap.READ_ONLY = bootstrap.is_read_only_command(sys.argv)
     from django.core.exceptions import ImproperlyConfigured
     from django.core.management import execute_from_command_line
 

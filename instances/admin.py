@@ -1,8 +1,11 @@
 from __future__ import annotations
 
-from django.contrib import admin
+from typing import Any
 
-from instances.models import Event, Instance, LogLine, Service
+from django.contrib import admin
+from django.http import HttpRequest
+
+from instances.models import Event, Instance, LogLine, Release, ReleaseChange, Service
 
 
 @admin.register(Service)
@@ -29,16 +32,44 @@ class InstanceAdmin(admin.ModelAdmin):
         "last_error",
         "health_ok",
         "health_checked_at",
+        "last_release",
     )
 
 
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """History and audit records (written by the supervisor, or by the API, which
+    audits): to read and search, never to edit or add here. Deleting stays possible."""
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(Release)
+class ReleaseAdmin(ReadOnlyAdmin):
+    """Read-only here: changes go through the API, `ten` or /releases/, which audit them."""
+
+    list_display = ("__str__", "weight", "state", "created_by", "created_at")
+    list_filter = ("state", "service")
+
+
+@admin.register(ReleaseChange)
+class ReleaseChangeAdmin(ReadOnlyAdmin):
+    list_display = ("time", "service", "kind", "release", "instance", "from_value", "to_value")
+    list_filter = ("kind", "service")
+
+
 @admin.register(Event)
-class EventAdmin(admin.ModelAdmin):
+class EventAdmin(ReadOnlyAdmin):
     list_display = ("time", "instance", "kind", "from_state", "to_state", "message")
     list_filter = ("kind",)
+    list_select_related = ("instance__service",)
 
 
 @admin.register(LogLine)
-class LogLineAdmin(admin.ModelAdmin):
+class LogLineAdmin(ReadOnlyAdmin):
     list_display = ("time", "instance", "stream", "text")
     list_filter = ("stream",)
+    list_select_related = ("instance__service",)

@@ -7,6 +7,7 @@ mistyped key we refuse the file and say which key, where, and what was wrong.
 from __future__ import annotations
 
 import difflib
+import json
 import os
 import pwd
 import re
@@ -82,6 +83,18 @@ MAX_SECONDS = 366 * 86400
 
 ServiceName = Annotated[str, AfterValidator(lambda v: check_label(v, "service name"))]
 InstanceId = Annotated[str, AfterValidator(check_label)]
+
+
+def _instance_entry(value: str) -> str:
+    """An [instances] entry: "ID", or "ID@RELEASE" to pin the tenant to a release."""
+    instance_id, sep, release = value.partition("@")
+    check_label(instance_id)
+    if sep:
+        check_label(release, "release name")
+    return value
+
+
+InstanceEntry = Annotated[str, AfterValidator(_instance_entry)]
 Text = Annotated[str, AfterValidator(_no_nul)]
 Template = Annotated[Text, _template(PLACEHOLDERS)]
 # A socket or workdir is fixed before the process gets its port.
@@ -207,7 +220,7 @@ class ServiceTable(_Table):
 class ConfigTables(_Table):
     settings: SettingsTable = SettingsTable()
     service: dict[ServiceName, ServiceTable] = {}
-    instances: dict[str, list[InstanceId]] = {}
+    instances: dict[str, list[InstanceEntry]] = {}
 
 
 @dataclass
@@ -220,6 +233,8 @@ class LoadedConfig:
     services: dict[str, dict[str, Any]] = field(default_factory=dict)
     instances: dict[str, list[str]] = field(default_factory=dict)
     always_on: dict[str, set[str]] = field(default_factory=dict)
+    # service -> {instance id: release} from "ID@RELEASE" entries in [instances]
+    pins: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def instance_ids(self, name: str) -> list[str]:
         """Tenants of a service: [instances] first, then always_on ids not listed there."""
@@ -263,8 +278,54 @@ def _describe(err: Any) -> str:
         hint = difflib.get_close_matches(key, list(model.model_fields), n=1) if model else []
         suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
         return f"{loc}: unknown key{suggestion}"
-    msg = err["msg"].removeprefix("Value error, ")
-    return f"{loc}: {msg} (got {err['input']!r})"
+    return f"{loc}: {_human(err)} (got {_toml_value(err['input'])})"
+
+
+# pydantic's wording ("Input should be a valid list") in the config's own terms.
+_TYPE_WORDS = {
+    "string_type": "must be text in quotes",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number, without a fraction",
+    "float_type": "must be a number",
+    "float_parsing": "must be a number",
+    "bool_type": "must be true or false",
+    "bool_parsing": "must be true or false",
+    "list_type": 'must be a list, e.g. ["a", "b"]',
+    "dict_type": "must be a table",
+    "model_type": "must be a table",
+    "finite_number": "must be a finite number",
+}
+_BOUNDS = {
+    "greater_than_equal": ("ge", "must be at least {}"),
+    "greater_than": ("gt", "must be more than {}"),
+    "less_than_equal": ("le", "must be at most {}"),
+    "less_than": ("lt", "must be less than {}"),
+}
+
+
+def _human(err: Any) -> str:
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind in _TYPE_WORDS:
+        return _TYPE_WORDS[kind]
+    if kind in _BOUNDS and _BOUNDS[kind][0] in ctx:
+        name, words = _BOUNDS[kind]
+        bound = ctx[name]
+        return words.format(
+            int(bound) if isinstance(bound, float) and bound.is_integer() else bound
+        )
+    if kind == "literal_error" and "expected" in ctx:
+        return f"must be one of {ctx['expected'].replace(chr(39), chr(34))}"
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _toml_value(value: Any) -> str:
+    """A value as it was written in TOML: true, "text", 5."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    return repr(value)
 
 
 def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
@@ -296,8 +357,14 @@ def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> Loaded
         fields.update(data_dir=str(data_dir), config_dir=str(config_dir), source=str(path))
         config.services[name] = fields
         config.always_on[name] = set(svc.always_on)
-    for name, ids in tables.instances.items():
+    for name, entries in tables.instances.items():
+        ids = [entry.partition("@")[0] for entry in entries]
         config.instances[name] = list(dict.fromkeys(ids))
+        config.pins[name] = {
+            instance_id: release
+            for instance_id, _, release in (entry.partition("@") for entry in entries)
+            if release
+        }
     return config
 
 
@@ -330,6 +397,23 @@ def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
     return problems + config_checks.settings_problems(config, tables.settings)
 
 
+SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php", ".pl", ".jar"})
+
+
+def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
+    """The program, if given by path, and script files named by absolute path, that do not
+    exist. Paths under the tenants' data dir (made at start) or a mount are not checked."""
+    # Inside the sandbox a mount's destination holds its source: not a host path.
+    made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
+    paths = [argv[0]] if argv and "/" in argv[0] else []
+    paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
+    return [
+        p
+        for p in paths
+        if not any(root and p.startswith(root) for root in made_later) and not Path(p).exists()
+    ]
+
+
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
     problems = []
     spec = spec_from_fields(name, fields)
@@ -342,6 +426,11 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
         problems.append(f"service.{name}.command: empty command (got {fields['command']!r})")
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
+    problems += [
+        f"service.{name}.command: {path!r} does not exist (a copied config whose paths "
+        "were relative to its old folder? use absolute paths)"
+        for path in _missing_files(argv, spec)
+    ]
     if fields.get("socket"):
         template_problems = _check_socket_template(name, fields["socket"], spec)
         if template_problems:

@@ -177,8 +177,9 @@ def fd_check() -> Check:
 # ---- /health ------------------------------------------------------------------------
 
 
-@require_safe
-async def health(request: HttpRequest) -> JsonResponse:
+async def run_checks() -> tuple[dict[str, Check], str]:
+    """Every check of /health, and the reason it fails ("" when healthy). The systemd
+    watchdog (instances/systemd.py) is fed from the same checks."""
     loop = await loop_check()
     database, heartbeat = await database_check()
     checks = {
@@ -189,8 +190,14 @@ async def health(request: HttpRequest) -> JsonResponse:
         "file_descriptors": fd_check(),
     }
     failing = [f"{name}: {check['error']}" for name, check in checks.items() if not check["ok"]]
-    if failing:
-        body = {"status": "unhealthy", "reason": "; ".join(failing), "checks": checks}
+    return checks, "; ".join(failing)
+
+
+@require_safe
+async def health(request: HttpRequest) -> JsonResponse:
+    checks, reason = await run_checks()
+    if reason:
+        body = {"status": "unhealthy", "reason": reason, "checks": checks}
         return JsonResponse(body, status=503, headers=NO_STORE)
     return JsonResponse({"status": "ok", "checks": checks}, headers=NO_STORE)
 

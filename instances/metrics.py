@@ -107,6 +107,22 @@ class Metrics:
         self.log_lines = Counter(
             "tenement_log_lines_total", "Lines captured from apps' output.", [*who, "stream"]
         )
+        self.release_requests = Counter(
+            "tenement_release_requests_total",
+            "HTTP requests proxied, by the release that served them (on a weighted service "
+            "host, the instance id: upstream's versions) and response code class.",
+            ["service", "release", "code"],
+        )
+        self.release_changes = Counter(
+            "tenement_release_changes_total",
+            "Changes to releases, weights and pins (each is also an audit record).",
+            ["service", "kind"],
+        )
+        self.release_fallbacks = Counter(
+            "tenement_release_fallbacks_total",
+            "Starts on a release that failed and fell back to the tenant's last healthy one.",
+            ["service", "release"],
+        )
 
     def labels_of(self, key: InstanceKey) -> tuple[str, ...]:
         return tuple(key) if self.per_instance else (key.service,)
@@ -210,6 +226,55 @@ def health_check_failed(key: InstanceKey) -> None:
 def idle_stopped(key: InstanceKey) -> None:
     if (metrics := current()) is not None:
         metrics.idle_stops.labels(*metrics.labels_of(key)).inc()
+
+
+def release_fallback(service: str, release: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.release_fallbacks.labels(service, release).inc()
+
+
+def release_changed(service: str, kind: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.release_changes.labels(service, kind).inc()
+
+
+class ReleaseRequests:
+    """Counts requests per (service, release, code class); children bound on first use."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.bound: dict[tuple[str, str, int], Any] = {}
+
+    def observe(self, service: str, release: str, status: int) -> None:
+        index = status // 100 if 100 <= status < 600 else 0
+        child = self.bound.get((service, release, index))
+        if child is None:
+            child = self.bound[(service, release, index)] = self.metrics.release_requests.labels(
+                service, release, CODE_CLASSES[index]
+            )
+        child.inc()
+
+
+def release_error_rates() -> dict[tuple[str, str], tuple[float, float]]:
+    """(service, release) -> (requests, 5xx answers) so far, for the dashboard."""
+    out: dict[tuple[str, str], tuple[float, float]] = {}
+    if current() is None:
+        return out
+    for family in source_registry().collect():
+        if family.name != "tenement_release_requests":
+            continue
+        for s in family.samples:
+            if not s.name.endswith("_total"):
+                continue
+            key = (s.labels["service"], s.labels["release"])
+            total, errors = out.get(key, (0.0, 0.0))
+            out[key] = (total + s.value, errors + (s.value if s.labels["code"] == "5xx" else 0))
+    return out
+
+
+def release_request_recorder() -> Callable[[str, str, int], None] | None:
+    metrics = current()
+    return ReleaseRequests(metrics).observe if metrics is not None else None
 
 
 def _nothing() -> None:

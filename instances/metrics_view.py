@@ -11,10 +11,9 @@ from django.db import DatabaseError
 from django.http import HttpRequest, HttpResponse
 from django.views.decorators.http import require_GET
 from prometheus_client import CONTENT_TYPE_LATEST
-from rest_framework.exceptions import Throttled
 
 from instances import metrics, tokens
-from instances.api.auth import FAILURE_WINDOW, record_failure, refuse_if_throttled
+from instances.api.auth import record_failure, retry_after
 
 
 def plain(status: int, text: str, **headers: str) -> HttpResponse:
@@ -37,10 +36,10 @@ def refusal(request: HttpRequest) -> HttpResponse | None:
     scheme, _, secret = request.META.get("HTTP_AUTHORIZATION", "").partition(" ")
     if scheme.lower() != "bearer":
         return plain(401, "a bearer token with read scope is required", **challenge)
-    try:
-        refuse_if_throttled(address)  # the API's limit on failed attempts, shared with it
-    except Throttled:
-        return plain(429, "too many failed attempts", **{"Retry-After": str(FAILURE_WINDOW)})
+    # The API's limit on failed attempts, shared with it.
+    if (wait := retry_after(address)) is not None:
+        message = f"too many failed attempts; retry in {wait} s"
+        return plain(429, message, **{"Retry-After": str(wait)})
     token = tokens.verify(secret.strip())
     if token is None:
         record_failure(address)

@@ -128,6 +128,13 @@ class Instance(models.Model):
     last_error = models.TextField(blank=True)
     health_ok = models.BooleanField(null=True)
     health_checked_at = models.DateTimeField(null=True, blank=True)
+    # Upstream's per-instance traffic share on the weighted host {service}.{domain}.
+    weight = models.PositiveSmallIntegerField(default=100)
+    # A pinned release (beta customers): wins over the service's weights; blank = follow.
+    release = models.CharField(max_length=63, blank=True, validators=[label_validator])
+    # The release its process last became healthy on: where a failed start falls back to.
+    # (Written by the supervisor with .update(), so it never looks like an operator change.)
+    last_release = models.CharField(max_length=63, blank=True)
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True, db_index=True)
 
@@ -234,3 +241,59 @@ class ApiToken(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.scope})"
+
+
+class Release(models.Model):
+    """One version of a multi-tenant service: overrides on top of its definition.
+
+    The service's own definition is its first release (made when the second is created).
+    Releases share tenant data: a tenant moves between them, never runs on two at once.
+    """
+
+    class State(models.TextChoices):
+        ACTIVE = "active"
+        DRAINING = "draining"  # weight 0 after a switch away; tenants move off as they wake
+        RETIRED = "retired"
+        FAILED = "failed"
+
+    service = models.ForeignKey(Service, on_delete=models.CASCADE, related_name="releases")
+    name = models.CharField(max_length=63, validators=[label_validator])
+    # Blank or null: the service's own value.
+    command = models.TextField(blank=True)
+    args = models.JSONField(null=True, blank=True)
+    env = models.JSONField(default=dict, blank=True)  # merged over the service's env
+    health = models.CharField(max_length=255, blank=True)
+    weight = models.PositiveSmallIntegerField(default=0)
+    state = models.CharField(max_length=16, choices=State.choices, default=State.ACTIVE)
+    created_by = models.CharField(max_length=150, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True, db_index=True)
+
+    class Meta:
+        ordering = ["service__name", "created_at", "id"]
+        constraints = [
+            models.UniqueConstraint(fields=["service", "name"], name="unique_release"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.service.name}@{self.name}"
+
+
+class ReleaseChange(models.Model):
+    """The audit trail of releases and weights: who changed what, from what, to what."""
+
+    service = models.CharField(max_length=63, db_index=True)
+    release = models.CharField(max_length=63, blank=True)
+    instance = models.CharField(max_length=63, blank=True)  # a pin or an instance weight
+    kind = models.CharField(max_length=32)
+    actor = models.CharField(max_length=150, blank=True)
+    from_value = models.CharField(max_length=255, blank=True)
+    to_value = models.CharField(max_length=255, blank=True)
+    message = models.TextField(blank=True)
+    time = models.DateTimeField(auto_now_add=True, db_index=True)
+
+    class Meta:
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.service}: {self.from_value} -> {self.to_value}"

@@ -7,8 +7,8 @@ from typing import Any
 
 from django.db import transaction
 
-from instances.config import LoadedConfig
-from instances.models import Instance, Service, SupervisorSettings
+from instances.config import ConfigError, LoadedConfig
+from instances.models import Instance, Release, ReleaseChange, Service, SupervisorSettings
 
 SETTINGS_FIELDS = (
     "health_check_interval",
@@ -54,6 +54,7 @@ def apply_config(config: LoadedConfig) -> SyncReport:
         service = _upsert_service(name, fields, report)
         for instance_id in config.instance_ids(name):
             _register(service, instance_id, instance_id in config.always_on[name], report)
+        _apply_pins(config, service)
     report.not_in_file = list(
         Service.objects.exclude(name__in=config.services).values_list("name", flat=True)
     )
@@ -99,6 +100,40 @@ def _register(service: Service, instance_id: str, always_on: bool, report: SyncR
     elif instance.always_on != always_on:
         instance.always_on = always_on
         instance.save(update_fields=["always_on", "updated_at"])
+
+
+def _apply_pins(config: LoadedConfig, service: Service) -> None:
+    """ "ID@RELEASE" in [instances] pins the tenant; an entry without one leaves any pin made
+    through the API or the dashboard alone. A pin to a release that does not exist is
+    refused (the whole sync is rolled back)."""
+    pins = config.pins.get(service.name, {})
+    if not pins:
+        return
+    known = dict(Release.objects.filter(service=service).values_list("name", "state"))
+    for instance_id, release in pins.items():
+        if known.get(release) not in ("active", "draining"):
+            what = f"is {known[release]}" if release in known else "does not exist"
+            raise ConfigError(
+                str(config.path),
+                [
+                    f"instances.{service.name}: {instance_id}@{release}: release {release!r} "
+                    f"{what} (releases: {', '.join(known) or 'none'}); create it first "
+                    "(ten release create) or drop the @"
+                ],
+            )
+        instance = Instance.objects.get(service=service, instance_id=instance_id)
+        if instance.release != release:
+            ReleaseChange.objects.create(
+                service=service.name,
+                kind="pin",
+                actor="config",
+                release=release,
+                instance=instance_id,
+                from_value=instance.release,
+                to_value=release,
+            )
+            instance.release = release
+            instance.save(update_fields=["release", "updated_at"])
 
 
 def start_config_instances(config: LoadedConfig) -> int:

@@ -9,6 +9,7 @@ from typing import Any
 
 from django.conf import settings
 
+from proxy.forwarded import peer_of
 from proxy.limits import is_trusted
 
 Headers = list[tuple[bytes, bytes]]
@@ -78,8 +79,8 @@ def forwarded(scope: dict[str, Any], host: bytes, rid: bytes) -> Headers:
     """
     out: Headers = []
     prior_for = b""
-    client = scope.get("client")
-    trusted = is_trusted(client[0] if client else None, settings.TENEMENT_TRUSTED_PROXIES)
+    peer = peer_of(scope)
+    trusted = is_trusted(peer, settings.TENEMENT_TRUSTED_PROXIES)
     for name, value in end_to_end(scope["headers"]):
         lower = name.lower()
         if lower in CLIENT_CLAIMS and not trusted:
@@ -88,9 +89,11 @@ def forwarded(scope: dict[str, Any], host: bytes, rid: bytes) -> Headers:
             prior_for = prior_for + b", " + value if prior_for else value
         elif lower not in OWN:
             out.append((name, value))
-    address = client[0].encode() if client else b"unknown"
+    address = peer.encode() if peer else b"unknown"
     out.append((b"x-forwarded-for", prior_for + b", " + address if prior_for else address))
-    out.append((b"x-forwarded-proto", scope.get("scheme", "http").encode()))
+    # The scheme the client used: a trusted proxy's X-Forwarded-Proto (proxy/forwarded.py).
+    secure = scope.get("scheme") in ("https", "wss")
+    out.append((b"x-forwarded-proto", b"https" if secure else b"http"))
     out.append((b"x-forwarded-host", host))
     out.append((b"x-request-id", rid))
     return out

@@ -52,6 +52,7 @@ class Exchange(Session):
         self.rid = h.request_id(self.scope["headers"])
         self.woke_ms: int | None = None
         self.status = 0  # the status sent to the client, for metrics; 0 = none yet
+        self.sent_bytes = 0  # response body bytes, for the access log
         self.started = False
         self.body_started = False
         self.max_body = settings.TENEMENT_MAX_BODY_MB * 1024 * 1024
@@ -278,6 +279,7 @@ class Exchange(Session):
         if conn.complete:  # the common case: the whole (small) body is already here
             body = b"".join(conn.chunks)
             conn.chunks.clear()
+            self.sent_bytes += len(body)
             await self.send({"type": "http.response.body", "body": body})
             return
         await self.stream(conn)
@@ -286,6 +288,7 @@ class Exchange(Session):
         watcher = asyncio.create_task(self.watch_disconnect(conn), name=f"watch {self.key}")
         try:
             async for chunk in conn.body():
+                self.sent_bytes += len(chunk)
                 await self.send({"type": "http.response.body", "body": chunk, "more_body": True})
             await self.send({"type": "http.response.body", "body": b""})
         finally:

@@ -10,6 +10,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 REASONS = {
     400: "bad request",
     404: "not found",
+    405: "method not allowed",
     413: "request body too large",
     502: "bad gateway",
     503: "service unavailable",

@@ -100,7 +100,11 @@ def parse_bind(bind: str) -> tuple[str, int]:
 
 
 def bind_socket(bind: str) -> socket.socket:
-    """Bind now, so 'address in use' is a clear start-up error rather than a dead task."""
+    """Bind now, so 'address in use' is a clear start-up error rather than a dead task.
+
+    Not listening yet: the server's loop calls listen() when it starts serving, so until
+    migrations, config and recovery are done a client is refused, not queued (and a port
+    someone else listens on fails this bind before anything else is touched)."""
     host, port = parse_bind(bind)
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio turns on TCP_NODELAY only for sockets whose proto
@@ -112,7 +116,6 @@ def bind_socket(bind: str) -> socket.socket:
     except OSError as e:
         sock.close()
         raise OSError(e.errno, f"cannot listen on {bind}: {e.strerror}") from None
-    sock.listen(2048)
     sock.set_inheritable(False)
     return sock
 
@@ -136,7 +139,6 @@ def bind_private_socket(bind: str) -> socket.socket:
         raise OSError(e.errno, f"cannot listen on {bind}: {e.strerror}") from None
     finally:
         os.umask(old)
-    sock.listen(128)
     sock.set_inheritable(False)
     return sock
 

@@ -8,9 +8,9 @@ The proxy never reads the database per request. It keeps:
 
 Messages (channel layer; the in-memory layer in one process, Redis when scaled):
   to "tenement.supervisor":  wake {key, reply, id}, activity {proxy, touched, open}
-  to group "tenement.proxy": instance.ready {key, socket}, instance.down {key, code,
-                             failed}, routes.changed
-  to one proxy's channel:    wake.ready {key, socket, id}, wake.unavailable {key, reason,
+  to group "tenement.proxy": instance.ready {key, socket, release}, instance.down {key,
+                             code, failed}, routes.changed
+  to one proxy's channel:    wake.ready {key, socket, release, id}, wake.unavailable {key, reason,
                              failed, refused, timeout, id}
 
 A wake's replies carry its id, so a late reply to an old wake settles nothing newer. The
@@ -36,7 +36,7 @@ from typing import Any
 from channels.layers import get_channel_layer
 from django.conf import settings
 
-from instances import metrics
+from instances import metrics, timeline
 from instances.ids import InstanceKey, parse_key
 from instances.messages import PROXY_GROUP, SUPERVISOR_CHANNEL, receive_forever
 from proxy.upstream import Pools
@@ -83,6 +83,8 @@ class ProxyState:
         self.channel = ""
         self.table = RoutingTable()
         self.running: dict[InstanceKey, str] = {}
+        # The release each instance's process runs, for tenement_release_requests_total.
+        self.release_of: dict[InstanceKey, str] = {}
         self.failed: set[InstanceKey] = set()
         self.pools = Pools()
         self.wakes: dict[InstanceKey, PendingWake] = {}
@@ -137,6 +139,7 @@ class ProxyState:
     def apply_table(self, snapshot: RoutingTable) -> None:
         self.table = snapshot
         self.running = dict(snapshot.running)
+        self.release_of = dict(snapshot.releases)
 
     async def rejoin_group(self) -> None:
         """Join the broadcast group again and again, well inside the layer's expiry, so
@@ -179,6 +182,8 @@ class ProxyState:
         if kind.startswith("wake.") and not self.is_current(key, message.get("id")):
             return  # a late reply to a wake that has been settled or asked again since
         if kind in ("instance.ready", "wake.ready"):
+            if release := message.get("release"):
+                self.release_of[key] = release
             self.mark_ready(key, message["socket"])
         elif kind == "instance.down":
             self.mark_down(key, int(message.get("code", 1001)), bool(message.get("failed")))
@@ -313,7 +318,9 @@ class ProxyState:
         pending.counted = True
         error = future.exception()
         if error is None:
-            metrics.wake_finished(key, "ok", time.monotonic() - pending.began)
+            took = time.monotonic() - pending.began
+            metrics.wake_finished(key, "ok", took)
+            timeline.current().wake(key, took)
         elif isinstance(error, WakeRejected) and error.refused:
             # A proxy that started after the instance failed learns it only now: each
             # request it held was refused, as those refused up front are.

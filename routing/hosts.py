@@ -1,8 +1,10 @@
 """Host header -> where the request goes. Pure functions: no database, no I/O.
 
-`{id}.{service}.{domain}` is tenant `service:id`; the bare domain (and IP literals) is the
-control host (Django). Anything else under no known name is "unknown" (404). A Host that
-is not a valid host name at all is malformed (400).
+`{id}.{service}.{domain}` is tenant `service:id`; `{service}.{domain}` is the service's
+weighted host (upstream's shape: each request goes to one of its instances, by weight);
+the bare domain (and `localhost` and IP literals) is the control host (Django). Anything
+else under no known name is "unknown" (404). A Host that is not a valid host name at all
+is malformed (400).
 """
 
 from __future__ import annotations
@@ -32,11 +34,18 @@ class Tenant:
 
 
 @dataclass(frozen=True)
+class Weighted:
+    """`{service}.{domain}`: one of the service's instances, chosen per request by weight."""
+
+    service: str
+
+
+@dataclass(frozen=True)
 class Unknown:
     host: str
 
 
-Route = Control | Tenant | Unknown
+Route = Control | Tenant | Weighted | Unknown
 
 
 def normalize(raw: str) -> str:
@@ -77,12 +86,15 @@ def _check_port(port: str, raw: str) -> None:
 def resolve(raw_host: str, domain: str) -> Route:
     """Where a request for `raw_host` goes, given the control domain."""
     host = normalize(raw_host)
-    if host == domain or _is_ip_literal(host):
+    # localhost too, whatever the domain: on-host health checks and the CLI always work.
+    if host == domain or host == "localhost" or _is_ip_literal(host):
         return Control()
     suffix = "." + domain
     if not host.endswith(suffix):
         return Unknown(host)
     labels = host[: -len(suffix)].split(".")
+    if len(labels) == 1:
+        return Weighted(labels[0])
     if len(labels) != 2:  # normalize() has checked each label already
         return Unknown(host)
     instance_id, service = labels

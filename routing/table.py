@@ -26,21 +26,36 @@ class RoutingTable:
     targets: dict[InstanceKey, Target] = field(default_factory=dict)
     # Instances running and ready when the snapshot was taken: key -> socket path.
     running: dict[InstanceKey, str] = field(default_factory=dict)
+    # The weighted host's candidates: service -> ((instance id, weight), ...), weight > 0.
+    weighted: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
+    # The release each instance last ran healthy on (until the supervisor says otherwise).
+    releases: dict[InstanceKey, str] = field(default_factory=dict)
 
     def lookup(self, key: InstanceKey) -> Target | None:
         return self.targets.get(key)
 
 
-def build(rows: list[tuple[str, str, float, float, str, str]], services: list[str]) -> RoutingTable:
-    """From (service, id, request_timeout, wake_timeout, state, socket_path) rows."""
+Row = tuple[str, str, float, float, str, str, int, str]
+
+
+def build(rows: list[Row], services: list[str]) -> RoutingTable:
+    """From (service, id, request_timeout, wake_timeout, state, socket_path, weight,
+    last_release) rows."""
     targets: dict[InstanceKey, Target] = {}
     running: dict[InstanceKey, str] = {}
-    for service, instance_id, request_timeout, wake_timeout, state, socket_path in rows:
+    weighted: dict[str, list[tuple[str, int]]] = {}
+    releases: dict[InstanceKey, str] = {}
+    for service, instance_id, request_timeout, wake_timeout, state, socket, weight, rel in rows:
         key = InstanceKey(service, instance_id)
         targets[key] = Target(key, request_timeout, wake_timeout)
-        if state == "running" and socket_path:
-            running[key] = socket_path
-    return RoutingTable(frozenset(services), targets, running)
+        if state == "running" and socket:
+            running[key] = socket
+        if weight > 0:
+            weighted.setdefault(service, []).append((instance_id, weight))
+        if rel:
+            releases[key] = rel
+    frozen = {service: tuple(found) for service, found in weighted.items()}
+    return RoutingTable(frozenset(services), targets, running, frozen, releases)
 
 
 @sync_to_async
@@ -57,5 +72,7 @@ def load() -> RoutingTable:
         "service__wake_timeout",
         "state",
         "socket_path",
+        "weight",
+        "last_release",
     )
     return build(list(rows), list(Service.objects.values_list("name", flat=True)))

@@ -21,6 +21,11 @@ case "$mode" in
     [[ -x /usr/bin/chromium ]] || missing+=(chromium)
     # promtool checks the live /metrics and the alerting rules.
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    # Reverse proxies in front of tenement (tests/test_behind_proxy.py), and the
+    # self-signed certificate the nginx test makes.
+    [[ -x /usr/sbin/nginx ]] || command -v nginx >/dev/null 2>&1 || missing+=(nginx-light)
+    command -v caddy >/dev/null 2>&1 || missing+=(caddy)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     # Upstream's multi-runtime example (run unchanged by the drop-in tests) has a Go app.
     command -v go >/dev/null 2>&1 || missing+=(golang-go)
     # The Node PORT-only test app's WebSockets (Debian's ws module, /usr/share/nodejs).

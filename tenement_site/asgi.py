@@ -16,19 +16,25 @@ django_asgi_app = get_asgi_application()
 
 from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
+from django.conf import settings  # noqa: E402
 
 from instances.dashboard.routing import websocket_urlpatterns  # noqa: E402
 from proxy.app import HostRouter  # noqa: E402
+from proxy.forwarded import ClientAddress  # noqa: E402
 from tenement_site.control import BodyLimit, SameOriginWebSocket  # noqa: E402
 
 # The dashboard's live updates: session login, and a same-origin check (CSWSH): the
 # control host's own origin only, never a tenant's subdomain.
 control_websockets = SameOriginWebSocket(AuthMiddlewareStack(URLRouter(websocket_urlpatterns)))
 
-application = ProtocolTypeRouter(
-    {
-        # Control-host bodies are bounded before Django spools them (and before auth).
-        "http": HostRouter(BodyLimit(django_asgi_app), "http"),
-        "websocket": HostRouter(control_websockets, "websocket"),
-    }
+application = ClientAddress(
+    ProtocolTypeRouter(
+        {
+            # Control-host bodies are bounded before Django spools them (and before auth).
+            "http": HostRouter(BodyLimit(django_asgi_app), "http"),
+            "websocket": HostRouter(control_websockets, "websocket"),
+        }
+    ),
+    # Behind nginx or Caddy: the client's address and scheme, as the proxy reports them.
+    settings.TENEMENT_TRUSTED_PROXIES,
 )

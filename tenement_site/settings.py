@@ -6,6 +6,7 @@ See the README's "Configuration" section for every variable.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from datetime import timedelta
 from pathlib import Path
@@ -15,6 +16,7 @@ import dj_database_url
 from django.core.exceptions import ImproperlyConfigured
 
 from proxy.limits import parse_networks
+from tenement_site import bootstrap
 from tenement_site import logging as tenement_logging
 from tenement_site.bootstrap import (
     data_dir_from_env,
@@ -73,6 +75,14 @@ TENEMENT_LOG_RETENTION_LINES = env_int("TENEMENT_LOG_RETENTION_LINES", 10_000)
 # instance are held while it wakes (more get 503 with Retry-After).
 TENEMENT_MAX_BODY_MB = env_int("TENEMENT_MAX_BODY_MB", 100)
 TENEMENT_MAX_HELD_REQUESTS = env_int("TENEMENT_MAX_HELD_REQUESTS", 1000)
+# Weighted service hosts ({service}.{domain}): a cookie of this name keeps a browser on the
+# instance it was first sent to (while that one keeps a weight); empty = per request.
+TENEMENT_STICKY_COOKIE = os.environ.get("TENEMENT_STICKY_COOKIE", "").strip()
+if TENEMENT_STICKY_COOKIE and not re.fullmatch(r"[A-Za-z0-9_.-]{1,64}", TENEMENT_STICKY_COOKIE):
+    raise ImproperlyConfigured(
+        f"TENEMENT_STICKY_COOKIE={TENEMENT_STICKY_COOKIE!r}: a cookie name is 1 to 64 "
+        "letters, digits, '_', '.' or '-'"
+    )
 # On SIGTERM, in-flight requests get this many seconds to finish before they are cut
 # (a second signal cuts at once); then every instance is stopped.
 TENEMENT_DRAIN_TIMEOUT = env_seconds("TENEMENT_DRAIN_TIMEOUT", 10.0, maximum=3600)
@@ -112,6 +122,22 @@ TENEMENT_FD_RESERVE = env_positive("TENEMENT_FD_RESERVE", 128)
 TENEMENT_TRUSTED_PROXIES = parse_networks(
     os.environ.get("TENEMENT_TRUSTED_PROXIES", ""), "TENEMENT_TRUSTED_PROXIES"
 )
+# The dashboard's charts link here (a Grafana dashboard of tenement's metrics) if set.
+TENEMENT_GRAFANA_URL = os.environ.get("TENEMENT_GRAFANA_URL", "")
+if TENEMENT_GRAFANA_URL and not TENEMENT_GRAFANA_URL.startswith(("https://", "http://")):
+    raise ImproperlyConfigured(
+        f"TENEMENT_GRAFANA_URL: {TENEMENT_GRAFANA_URL!r} is not an http(s):// address"
+    )
+# The dashboard's charts: one point per this many seconds, the last hour kept in memory.
+_charts_step = os.environ.get("TENEMENT_CHARTS_STEP_SECONDS") or "10"
+if not _charts_step.isdigit() or not 1 <= int(_charts_step) <= 300:
+    raise ImproperlyConfigured(
+        f"TENEMENT_CHARTS_STEP_SECONDS: {_charts_step!r} is not a whole number of seconds "
+        "from 1 to 300"
+    )
+TENEMENT_CHARTS_STEP_SECONDS = int(_charts_step)
+# One structured log line per tenant request (logger tenement.access): off by default.
+TENEMENT_ACCESS_LOG = env_bool("TENEMENT_ACCESS_LOG", False)
 # /health: unhealthy when the event loop ran a timer this many ms late (last 5 s).
 TENEMENT_HEALTH_MAX_LAG_MS = env_int("TENEMENT_HEALTH_MAX_LAG_MS", 1000)
 
@@ -119,12 +145,23 @@ SECRET_KEY = load_or_create_secret_key(TENEMENT_DATA_DIR)
 DEBUG = env_bool("DJANGO_DEBUG", False)
 # Tenant subdomains never reach Django (proxy/app.py routes them to their apps), so they
 # are not listed: Django's host checks see the control host alone.
+# The control host also answers on localhost and loopback whatever TENEMENT_DOMAIN is, so
+# on-host health checks and the CLI always reach it (routing/hosts.py agrees).
 ALLOWED_HOSTS = [
     TENEMENT_DOMAIN,
+    "localhost",
     "127.0.0.1",
     "[::1]",
     *filter(None, os.environ.get("TENEMENT_ALLOWED_HOSTS", "").split(",")),
 ]
+# Behind a TLS terminator: scope["scheme"] already says https for a trusted proxy
+# (proxy/forwarded.py), and its X-Forwarded-Proto reaches Django from trusted peers only
+# (everyone else's copy is removed), so Django may read it too.
+if TENEMENT_TRUSTED_PROXIES:
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Dashboard forms posted from the control host's own origin, whichever scheme the client
+# used: the proxy in front may not pass the port, so Origin and Host can differ by it.
+CSRF_TRUSTED_ORIGINS = [f"https://{TENEMENT_DOMAIN}", f"http://{TENEMENT_DOMAIN}"]
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -241,7 +278,8 @@ REST_FRAMEWORK = {
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "tenement API",
-    "DESCRIPTION": "Services, instances, logs and tokens. Authorization: Bearer <token>.",
+    # Markdown: in backticks, or Swagger UI would take <token> for an HTML tag and hide it.
+    "DESCRIPTION": "Services, instances, logs and tokens. Send `Authorization: Bearer <token>`.",
     "VERSION": "1",
     # 3.1: JSON Schema 2020-12, so the service body can be the config loader's own schema.
     "OAS_VERSION": "3.1.0",
@@ -271,7 +309,8 @@ STATICFILES_DIRS = [BASE_DIR / "static"]
 # Outside every service's tree ({data_dir}/{service}/{id}): no service name can start
 # with a dot, so no tenant's files can land in what whitenoise serves under /static/.
 STATIC_ROOT = TENEMENT_DATA_DIR / ".static"
-STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
+if not bootstrap.READ_ONLY:
+    STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # whitenoise warns on a missing root
 # Serve straight from the source folders so the embedded default needs no collectstatic.
 WHITENOISE_USE_FINDERS = True
 # whitenoise hands Django a file iterator; under ASGI Django then warns on every static

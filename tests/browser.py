@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import sqlite3
@@ -19,7 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from playwright.sync_api import (
+    Browser,
+    BrowserContext,
+    Locator,
+    Page,
+    Playwright,
+    sync_playwright,
+)
 
 from tests.conftest import REPO, TENANT_PYTHON
 from tests.harness import Deployment, free_port, http_request
@@ -75,6 +83,9 @@ class Dashboard(Deployment):
         self.port = free_port()
         self.url = f"http://localhost:{self.port}"
         self.env["DJANGO_SUPERUSER_PASSWORD"] = PASSWORD
+        # The charts' points once a second, so a test sees several within its time.
+        self.env["TENEMENT_CHARTS_STEP_SECONDS"] = "1"
+        self.env["TENEMENT_GRAFANA_URL"] = "https://grafana.example/d/tenement"
         self.start("--config", str(self.config), "--bind", f"127.0.0.1:{self.port}", http=True)
 
     def ready(self) -> None:
@@ -116,6 +127,13 @@ class Dashboard(Deployment):
     def tenant_get(self, key: str, path: str) -> tuple[int, bytes]:
         service, instance_id = key.split(":")
         return self.request(f"{instance_id}.{service}.localhost", path)
+
+    def request_json(self, method: str, path: str, body: object, token: str) -> tuple[int, object]:
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        response, raw = http_request(
+            self.port, "localhost", path, method=method, body=json.dumps(body), headers=headers
+        )
+        return response.status, json.loads(raw) if raw else None
 
     def api_status(self, path: str, token: str) -> int:
         return self.request("localhost", path, {"Authorization": f"Bearer {token}"})[0]
@@ -195,12 +213,16 @@ def logged_in_context(browser: Browser, base: str, **options: object) -> Browser
     return context
 
 
-def screenshot(page: Page, name: str) -> None:
-    """A full-page PNG into $TENEMENT_SCREENSHOTS (unset: no screenshots)."""
+def screenshot(page: Page | Locator, name: str) -> None:
+    """A PNG of the full page (or of one element) into $TENEMENT_SCREENSHOTS (unset: none)."""
     folder = os.environ.get("TENEMENT_SCREENSHOTS")
     if folder:
         Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+        path = str(Path(folder) / f"{name}.png")
+        if isinstance(page, Locator):
+            page.screenshot(path=path)
+        else:
+            page.screenshot(path=path, full_page=True)
 
 
 def mark_document(page: Page) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from playwright.sync_api import Browser, BrowserContext, Dialog, Locator, Page, expect
 
+from routing.releases import bucket
 from tests.browser import (
     WAIT_MS,
     Dashboard,
@@ -199,7 +200,11 @@ def test_stop_and_restart(page: Page, dash: Dashboard) -> None:
 
     open_overview(page, dash, "?q=carol")
     track(page, key)
-    row(page, key).locator('button[data-action="restart"]').click()
+    # Sleeping: Start and Deregister only (Stop and Restart would do nothing).
+    actions = row(page, key).locator("button[data-action]")
+    assert actions.evaluate_all("bs => bs.map(b => b.dataset.action)") == ["start", "deregister"]
+    expect(row(page, key).locator("span.state")).to_have_text("sleeping")
+    row(page, key).locator('button[data-action="start"]').click()
     expect(row(page, key)).to_have_attribute("data-state", "running", timeout=WAIT_MS)
     expect(row(page, key).locator("span.state")).to_have_text("running")
     assert dash.rows()[key]["state"] == "running"
@@ -312,20 +317,120 @@ def test_create_and_revoke_token(browser: Browser, dash: Dashboard) -> None:
 # ---- releases ----------------------------------------------------------------------------------
 
 
-def test_releases_are_disabled_with_a_note(page: Page, dash: Dashboard) -> None:
+def test_releases_shift_a_weight_see_tenants_move_switch_and_roll_back(
+    page: Page, dash: Dashboard
+) -> None:
+    from routing.releases import ReleaseInfo, effective
+
+    made = dash.manage("createtoken", "--name", "releaser", "--scope", "admin")
+    token = made.stdout.strip()
+    status, body = dash.request_json(
+        "POST", "/api/services/steady/releases", {"name": "v2", "env": {"HELLO": "v2"}}, token
+    )
+    assert status == 201, body
+    # Other tests of the module may have added tenants to steady.
+    tenants = [k.split(":")[1] for k in dash.rows() if k.startswith("steady:")]
+    total = len(tenants)
+
+    def on_v2(weight: int) -> int:
+        found = [ReleaseInfo("v1", 100), ReleaseInfo("v2", weight)]
+        return sum(effective(found, bucket("steady", t)) == "v2" for t in tenants)
+
+    weight = next(w for w in range(5, 100, 5) if 0 < on_v2(w) < total)
     page.goto(f"{dash.url}/releases/")
-    section = page.locator("#releases")
-    expect(page.locator(".arrives-note").first).to_contain_text("arrives with releases")
-    for service in ["web", "steady", "slow"]:
-        expect(page.locator(f"button#bluegreen-{service}")).to_be_disabled()
-    sliders = section.locator("input[type=range]")
-    assert sliders.count() >= 3
-    for i in range(sliders.count()):
-        expect(sliders.nth(i)).to_be_disabled()
+    row = page.locator('#release-steady tr[data-release="v2"]')
+    expect(row.locator(".tenants")).to_have_text("0")
+    slider = row.locator("input[type=range]")
+    slider.fill(str(weight))
+    expect(row.locator("output.weight-value")).to_have_text(str(weight))
+    # The live preview, before anything is applied.
+    expect(row.locator(".preview")).to_have_text(
+        f"{on_v2(weight)} of {total} tenants would move", timeout=WAIT_MS
+    )
     screenshot(page, "releases")
+    row.locator('button[data-action="weight"]').click()
+    page.wait_for_load_state()
+    row = page.locator('#release-steady tr[data-release="v2"]')
+    expect(row.locator(".tenants")).to_have_text(str(on_v2(weight)))
+    expect(row.locator(".share")).to_have_text(f"{weight}%")
+    # The supervisor moves them: the running count follows.
+    dash.wait_for(
+        "tenants running on v2",
+        lambda: (
+            sum(
+                r["last_release"] == "v2" for k, r in dash.rows().items() if k.startswith("steady:")
+            )
+            == on_v2(weight)
+        ),
+        timeout=30,
+    )
+    page.reload()
+    expect(page.locator('#release-steady tr[data-release="v2"] .running')).to_have_text(
+        str(on_v2(weight))
+    )
+    dialogs: list[str] = []
+
+    def accept(dialog: Dialog) -> None:
+        dialogs.append(dialog.message)
+        dialog.accept()
+
+    page.on("dialog", accept)
+    page.locator('#release-steady tr[data-release="v2"] button[data-action="switch"]').click()
+    page.wait_for_load_state()
+    assert dialogs and "Switch every tenant of steady to v2" in dialogs[0]
+    expect(page.locator('#release-steady tr[data-release="v2"] .tenants')).to_have_text(str(total))
+    expect(page.locator('#release-steady tr[data-release="v1"] .state')).to_have_text("draining")
+    page.locator('#release-steady button[data-action="rollback"]').click()
+    page.wait_for_load_state()
+    expect(page.locator('#release-steady tr[data-release="v1"] .tenants')).to_have_text(str(total))
+    expect(page.locator('#release-steady tr[data-release="v2"] .tenants')).to_have_text("0")
+    expect(page.locator("#release-steady details.changes")).to_contain_text("rollback")
+    # The instance page shows and sets the pin.
+    page.goto(f"{dash.url}/instances/steady:dave/")
+    page.locator("#pin-release").select_option("v2")
+    page.locator('button[data-action="pin"]').click()
+    page.wait_for_load_state()
+    expect(page.locator("#pin-release")).to_have_value("v2")
+    dash.wait_for("dave on v2", lambda: dash.rows()["steady:dave"]["last_release"] == "v2", 30)
 
 
 # ---- phone width, keyboard, labels ---------------------------------------------------------------
+
+
+def chart_ready(page: Page, names: list[str], check: str) -> None:
+    """Wait until every named chart exists and `check` (JS, `d` its y values) holds."""
+    page.wait_for_function(
+        """([names, check]) => names.every(n => {
+            const c = window.tenementCharts && window.tenementCharts[n];
+            return c && new Function("d", "return " + check)(c.data[1]);
+        })""",
+        arg=[names, check],
+        timeout=WAIT_MS,
+    )
+
+
+def test_charts_of_the_last_hour(page: Page, dash: Dashboard) -> None:
+    for _ in range(5):
+        assert dash.tenant_get("steady:dave", "/")[0] == 200
+    open_overview(page, dash)
+    # Drawn by uPlot (served from our static files), with points from the proxy's and the
+    # supervisor's own counts.
+    chart_ready(page, ["running"], "d.some(v => v >= 2)")
+    chart_ready(page, ["req_per_s"], "d.some(v => v > 0)")
+    chart_ready(page, ["wakes"], "d.length > 0")
+    assert page.locator("#charts canvas").count() == 3
+    screenshot(page.locator("#charts"), "charts-overview")
+    expect(page.locator("#grafana-link")).to_have_attribute(
+        "href", "https://grafana.example/d/tenement"
+    )
+    page.goto(f"{dash.url}/instances/steady:dave/")
+    chart_ready(page, ["requests"], "d.some(v => v >= 1)")
+    chart_ready(page, ["rss_mb"], "d.some(v => v > 1)")
+    chart_ready(page, ["p95_ms", "wake_ms"], "d.length > 0")
+    assert page.locator("#charts canvas").count() == 4
+    screenshot(page.locator("#charts"), "charts-detail")
+    script = page.locator('script[src*="uPlot"]').get_attribute("src")
+    assert script is not None and script.startswith("/static/")  # no CDN
 
 
 def test_layout_at_390px(browser: Browser, dash: Dashboard) -> None:

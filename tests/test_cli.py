@@ -359,9 +359,15 @@ def test_config_check_knows_the_servers_keys() -> None:
     assert set(configcheck.SERVICE) == set(ServiceTable.model_fields)
 
 
-@pytest.mark.parametrize("verb", ["weight", "deploy", "route"])
-def test_release_verbs_are_not_available_yet(verb: str) -> None:
-    assert_fails(ten(verb, "app:v2", "50", server=NO_SERVER), 3, "not available yet")
+def test_release_verbs_check_their_arguments_before_any_request() -> None:
+    for args, words in (
+        (("weight", "app:v2", "150"), "from 0 to 100"),
+        (("route", "app", "--from", "v1"), "--to"),
+        (("release", "create", "app", "Bad_Name"), "invalid name"),
+    ):
+        result = ten(*args, server=NO_SERVER)  # nothing listens there: never contacted
+        assert result.returncode == 2 and words in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
 
 
 def test_help_on_every_verb_and_exit_codes_documented() -> None:
@@ -381,6 +387,10 @@ def test_help_on_every_verb_and_exit_codes_documented() -> None:
         ["token", "revoke"],
         ["config", "check"],
         ["weight"],
+        ["deploy"],
+        ["route"],
+        ["release", "create"],
+        ["release", "pin"],
     ]:
         result = ten(*verb, "--help", server=NO_SERVER)
         assert result.returncode == 0 and "--server" in result.stdout, verb

@@ -152,9 +152,9 @@ def test_rows_show_state_link_and_actions(staff: Client, notes: Service) -> None
     assert rows(html) == [("notes:alice", "failed")]
     assert '<span class="state state-failed" title="exit 3">failed</span>' in html
     assert '<a class="instance-link" href="/instances/notes:alice/">alice</a>' in html
-    for action in ("start", "stop", "restart", "deregister"):
-        assert f'data-action="{action}"' in html
-    assert html.count("data-confirm=") == 2  # stop and deregister ask first
+    # Failed: only what applies (start clears it; stop and restart would do nothing).
+    assert re.findall(r'data-action="(\w+)"', html) == ["start", "deregister"]
+    assert html.count("data-confirm=") == 1  # deregister asks first
     assert 'id="live-status"' in html and 'id="add-tenant"' in html
 
 
@@ -290,12 +290,34 @@ async def test_a_tenant_just_added_can_be_woken_at_once(short_tmp: Path) -> None
 # ---- releases --------------------------------------------------------------------------
 
 
-def test_releases_controls_are_disabled_with_a_note(staff: Client, notes: Service) -> None:
+def test_releases_weight_switch_rollback_and_pin(staff: Client, notes: Service) -> None:
+    from instances.models import Release, ReleaseChange
+    from routing import operations as release_ops
+
+    add(notes, "alice", "bob", "carol")
     html = get(staff, "/releases/")
-    assert "arrives with releases" in html and 'class="msg arrives-note"' in html
-    assert re.search(r'<input id="weight-range-notes" type="range"[^>]* disabled>', html)
-    assert re.search(r'<input id="weight-notes" type="number"[^>]* disabled>', html)
-    assert '<button type="button" id="bluegreen-notes" disabled>' in html
+    assert "One release: its definition, serving all 3 tenants" in html
+    release_ops.create("notes", {"name": "v2"}, "op")
+    html = get(staff, "/releases/")
+    assert re.search(r'<input id="weight-notes-v2" name="weight" type="range"[^>]*value="0"', html)
+    post = staff.post
+    response = post(
+        "/releases/notes/action/", {"action": "weight", "release": "v2", "weight": "40"}
+    )
+    assert response.status_code == 302
+    assert Release.objects.get(name="v2").weight == 40
+    assert post("/releases/notes/action/", {"action": "switch", "release": "v2"}).status_code == 302
+    assert Release.objects.get(name="v1").state == "draining"
+    assert post("/releases/notes/action/", {"action": "rollback"}).status_code == 302
+    assert Release.objects.get(name="v1").weight == 100
+    # Refusals are messages, not errors; unknown names are 404.
+    response = post("/releases/notes/action/", {"action": "weight", "release": "v1", "weight": "x"})
+    assert response.status_code == 302 and Release.objects.get(name="v1").weight == 100
+    assert post("/releases/notes/action/", {"action": "switch", "release": "zz"}).status_code == 404
+    assert post("/instances/notes:alice/pin/", {"release": "v2"}).status_code == 302
+    assert Instance.objects.get(instance_id="alice").release == "v2"
+    assert 'value="v2" selected' in get(staff, "/instances/notes:alice/")
+    assert {c.actor for c in ReleaseChange.objects.exclude(kind="create")} == {"op"}
 
 
 # ---- live updates ----------------------------------------------------------------------

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 
 from instances.ids import InstanceKey
-from routing.hosts import Control, MalformedHost, Tenant, Unknown, normalize, resolve
+from routing.hosts import Control, MalformedHost, Tenant, Unknown, Weighted, normalize, resolve
 
 
 @pytest.mark.parametrize(
@@ -18,7 +18,7 @@ from routing.hosts import Control, MalformedHost, Tenant, Unknown, normalize, re
         ("example.com:8000", Control()),
         ("127.0.0.1:8000", Control()),
         ("[::1]:8000", Control()),
-        ("notes.example.com", Unknown("notes.example.com")),
+        ("notes.example.com", Weighted("notes")),  # upstream's weighted service host
         ("a.b.notes.example.com", Unknown("a.b.notes.example.com")),
         ("other.org", Unknown("other.org")),
         ("badexample.com", Unknown("badexample.com")),

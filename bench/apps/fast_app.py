@@ -6,6 +6,7 @@
 Listens on $SOCKET_PATH if set, else on TCP 127.0.0.1:$PORT; `--tcp` forces TCP (upstream
 `ten` sets both variables but proxies to the port). `--spawn-log FILE --tag NAME` appends
 "NAME PID" to FILE at start, so a benchmark can count how many copies a wake started.
+`--say VAR` makes `GET /` answer $VAR's value instead of "ok" (which release answered).
 """
 
 from __future__ import annotations
@@ -19,6 +20,15 @@ OK = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\no
 NOT_FOUND = b"HTTP/1.1 404 Not Found\r\nContent-Length: 10\r\n\r\nnot found\n"
 BAD = b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
 MAX_HEAD = 64 * 1024
+SAY = b""  # set by --say
+
+
+def say(value: str) -> bytes:
+    body = value.encode() + b"\n"
+    return b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (
+        len(body),
+        body,
+    )
 
 
 class HttpProtocol(asyncio.Protocol):
@@ -75,7 +85,8 @@ class HttpProtocol(asyncio.Protocol):
         )
         path = target.partition(b"?")[0]
         found = method in (b"GET", b"HEAD") and path in (b"/", b"/health")
-        return (OK if found else NOT_FOUND), keep_alive, length
+        answer = SAY if path == b"/" and SAY else OK
+        return (answer if found else NOT_FOUND), keep_alive, length
 
     def close(self, out: list[bytes]) -> None:
         assert self.transport is not None
@@ -109,7 +120,11 @@ def main() -> None:
     parser.add_argument("--tcp", action="store_true", help="listen on $PORT even if $SOCKET_PATH")
     parser.add_argument("--spawn-log", help="append 'TAG PID' to this file at start")
     parser.add_argument("--tag", default="-", help="the TAG for --spawn-log")
+    parser.add_argument("--say", metavar="VAR", help="GET / answers $VAR's value")
     args = parser.parse_args()
+    if args.say:
+        global SAY
+        SAY = say(os.environ.get(args.say, ""))
     if args.spawn_log:
         fd = os.open(args.spawn_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         os.write(fd, f"{args.tag} {os.getpid()}\n".encode())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 from django.conf import settings
@@ -57,18 +59,39 @@ def _key(address: str) -> str:
     return f"tenement:auth-failures:{address}"
 
 
+def retry_after(address: str) -> int | None:
+    """Seconds until `address` may try again, or None when it is not limited.
+
+    Counted per client address, which behind a trusted proxy is the real client's
+    (proxy/forwarded.py): one guesser never locks anyone else out.
+    """
+    if (cache.get(_key(address)) or 0) < settings.TENEMENT_AUTH_FAILURE_LIMIT:
+        return None
+    ends = cache.get(_key(address) + ":ends") or time.time() + FAILURE_WINDOW
+    return max(math.ceil(ends - time.time()), 1)
+
+
 def refuse_if_throttled(address: str) -> None:
-    if (cache.get(_key(address)) or 0) >= settings.TENEMENT_AUTH_FAILURE_LIMIT:
-        raise exceptions.Throttled(wait=FAILURE_WINDOW, detail="too many failed attempts")
+    if (wait := retry_after(address)) is not None:
+        # Throttled(wait=...) would append DRF's own sentence to ours; set the header's
+        # figure on the exception instead, and say it once in our words.
+        refused = exceptions.Throttled(
+            detail=f"too many failed attempts from {address}; retry in {wait} s"
+        )
+        refused.wait = wait
+        raise refused
 
 
 def record_failure(address: str) -> None:
     key = _key(address)
-    if not cache.add(key, 1, FAILURE_WINDOW):
-        try:
-            cache.incr(key)
-        except ValueError:  # expired between add and incr
-            cache.add(key, 1, FAILURE_WINDOW)
+    if cache.add(key, 1, FAILURE_WINDOW):
+        cache.set(key + ":ends", time.time() + FAILURE_WINDOW, FAILURE_WINDOW)
+        return
+    try:
+        cache.incr(key)
+    except ValueError:  # expired between add and incr
+        cache.add(key, 1, FAILURE_WINDOW)
+        cache.set(key + ":ends", time.time() + FAILURE_WINDOW, FAILURE_WINDOW)
 
 
 def token_of(request: Request) -> ApiToken | None:

@@ -120,6 +120,10 @@ class InstanceSerializer(serializers.ModelSerializer):
             "started_at",
             "last_activity",
             "created_at",
+            # Releases: the weighted host's share, the pin, the release it last ran healthy on.
+            "weight",
+            "release",
+            "last_release",
         ]
         read_only_fields = fields
 
@@ -175,9 +179,10 @@ class InstanceSerializer(serializers.ModelSerializer):
         return proc.cpu_percent(interval=None) if proc else None
 
     def get_url(self, obj: Instance) -> str:
-        from django.conf import settings
+        """As the dashboard shows it: the scheme and port the API was reached on."""
+        from instances.dashboard.display import tenant_url
 
-        return f"http://{obj.instance_id}.{obj.service.name}.{settings.TENEMENT_DOMAIN}/"
+        return tenant_url(self.context["request"], obj)
 
 
 LIST_STORAGE_ENTRIES = 1000

@@ -15,12 +15,13 @@ router.register("tokens", views.TokenViewSet, basename="token")
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api-schema"), name="api-docs"),
-    path("telemetry", telemetry.TelemetryView.as_view(), name="api-telemetry"),
-    path("telemetry/", telemetry.TelemetryView.as_view()),
-    path("logs", logs.LogSearchView.as_view(), name="api-logs"),
-    path("logs/", logs.LogSearchView.as_view()),
-    path("logs/stream", logs.LogStreamView.as_view(), name="api-logs-stream"),
-    path("logs/stream/", logs.LogStreamView.as_view()),
+    # One route each, the slash optional as the router's: one operation in the schema.
+    re_path(r"^telemetry/?$", telemetry.TelemetryView.as_view(), name="api-telemetry"),
+    re_path(r"^logs/?$", logs.LogSearchView.as_view(), name="api-logs"),
+    re_path(r"^logs/stream/?$", logs.LogStreamView.as_view(), name="api-logs-stream"),
+    # Releases and weights (upstream's weight/deploy/route too), before the router's
+    # instance routes so that /instances/{key}/weight is ours.
+    path("", include("routing.api")),
     path("", include(router.urls)),
     # Anything else under /api/ is a JSON 404, not Django's HTML page.
     re_path(r"", views.not_found),

@@ -7,7 +7,16 @@ import os
 import sys
 from collections.abc import Callable
 
-from instances.cli import configcheck, lifecycle, logs, project, tokens
+from instances.cli import (
+    configcheck,
+    install,
+    lifecycle,
+    logs,
+    project,
+    proxyconf,
+    releases,
+    tokens,
+)
 from instances.cli.client import CliError, Exit
 from instances.ids import InvalidName, check_label, parse_key
 
@@ -15,7 +24,6 @@ DEFAULT_SERVER = "http://127.0.0.1:8000"
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_WAIT = 60.0
 STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
-NOT_YET = "not available yet: releases arrive in a later version"
 # Verbs that work without the server (no token needed).
 LOCAL_VERBS = frozenset({"init", "config", "token-gen"})
 
@@ -31,7 +39,7 @@ exit codes:
   0  ok
   1  the operation failed, or an instance is unhealthy
   2  usage error: bad arguments or SVC:ID (or input the server refused, HTTP 400)
-  3  not available in this version (weight, deploy, route)
+  3  not available in this version
   4  cannot connect to the server (check --server or TENEMENT_SERVER)
   5  unauthorised: the token is missing, invalid or lacks the scope/tenant (401, 403)
   6  not found (404): no such instance, service or token
@@ -313,18 +321,83 @@ def add_config(verbs: Verbs) -> None:
     check.add_argument("file", metavar="FILE")
 
 
-def not_yet(args: argparse.Namespace) -> int:
-    raise CliError(f"{args.verb}: {NOT_YET}", Exit.UNAVAILABLE)
+def add_upstream_traffic(verbs: Verbs) -> None:
+    """Upstream's verbs: instances of a service as versions on {service}.{domain}."""
+    weight = verbs.add(
+        "weight",
+        releases.weight,
+        "Set an instance's traffic weight (0-100) on its service's weighted host.",
+        "Requests to SERVICE.DOMAIN go to its instances in proportion to their weights;\n"
+        "weight 0 gets none. Needs a write token (a tenant token: its own instance).",
+    )
+    weight.add_argument("instance", metavar="SVC:ID", type=instance_key)
+    weight.add_argument("weight", metavar="WEIGHT", type=releases.percent)
+    deploy = verbs.add(
+        "deploy",
+        releases.deploy,
+        "Deploy a new version (SVC:VERSION) and wait for it to be healthy.",
+        "Registers and starts SVC:VERSION with --weight, and waits up to --timeout seconds\n"
+        "(default 30) for it to be healthy; if it is not, it is stopped with weight 0.",
+    )
+    deploy.add_argument("instance", metavar="SVC:VERSION", type=instance_key)
+    deploy.add_argument("--weight", "-w", type=releases.percent, default=100)
+    route = verbs.add(
+        "route",
+        releases.route,
+        "Swap traffic from one version to another: FROM gets weight 0, TO gets 100.",
+    )
+    route.add_argument("service", metavar="SVC", type=label)
+    route.add_argument("--from", dest="source", metavar="VERSION", type=label, required=True)
+    route.add_argument("--to", dest="dest", metavar="VERSION", type=label, required=True)
 
 
 def add_releases(verbs: Verbs) -> None:
-    for name, summary in (
-        ("weight", "Set an instance's traffic weight."),
-        ("deploy", "Deploy a new version and wait for it to be healthy."),
-        ("route", "Swap traffic from one version to another."),
+    add_upstream_traffic(verbs)
+    parser = verbs.add(
+        "release",
+        None,
+        "Releases of a multi-tenant service: canary weights, pins, blue-green switches.",
+    )
+    sub = Verbs(parser, verbs.common)
+    listing = sub.add("list", releases.list_, "List releases: weight, share, tenants on each.")
+    listing.add_argument("service", metavar="SVC", type=label)
+    create = sub.add(
+        "create",
+        releases.create,
+        "Create a release: overrides on top of the service's definition.",
+        "Needs an admin token. The first release made also records the service's own\n"
+        "definition as release v1. With --smoke TENANT, one tenant is started on the new\n"
+        "release first; if it is not healthy the release is failed with weight 0 (exit 7).",
+    )
+    create.add_argument("service", metavar="SVC", type=label)
+    create.add_argument("name", metavar="NAME", type=label)
+    create.add_argument("--command", help="the command (default: the service's)")
+    create.add_argument("--arg", action="append", metavar="A", help="one argument (repeat)")
+    create.add_argument(
+        "--env", action="append", metavar="K=V", type=releases.env_pair, help="repeat"
+    )
+    create.add_argument("--health", metavar="PATH", help="health path (default: the service's)")
+    create.add_argument("--weight", type=releases.percent, default=0)
+    create.add_argument("--smoke", metavar="TENANT", type=label)
+    create.add_argument("--smoke-timeout", metavar="S", type=positive, default=30.0)
+    weight = sub.add("weight", releases.set_weight, "Set a release's canary weight (0-100).")
+    weight.add_argument("service", metavar="SVC", type=label)
+    weight.add_argument("name", metavar="NAME", type=label)
+    weight.add_argument("weight", metavar="WEIGHT", type=releases.percent)
+    for name, run, summary in (
+        ("switch", releases.switch, "Blue-green: this release gets 100, the others 0."),
+        ("retire", releases.retire, "Retire a release with weight 0 and no pinned tenants."),
     ):
-        parser = verbs.add(name, not_yet, summary, f"{NOT_YET.capitalize()} (exit 3).")
-        parser.add_argument("rest", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
+        action = sub.add(name, run, summary)
+        action.add_argument("service", metavar="SVC", type=label)
+        action.add_argument("name", metavar="NAME", type=label)
+    rollback = sub.add("rollback", releases.rollback, "Switch back to the release before.")
+    rollback.add_argument("service", metavar="SVC", type=label)
+    pin = sub.add("pin", releases.pin, "Pin a tenant to a release (no NAME: unpin).", "Pins win.")
+    pin.add_argument("instance", metavar="SVC:ID", type=instance_key)
+    pin.add_argument("name", metavar="NAME", nargs="?", type=label)
+    changes = sub.add("changes", releases.changes, "The audit trail: who changed what.")
+    changes.add_argument("service", metavar="SVC", nargs="?", type=label)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -348,6 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
         add_releases,
     ):
         add(verbs)
+    proxyconf.add(verbs)
+    install.add(verbs)
     return parser
 
 

@@ -66,8 +66,14 @@ def _strings(value: Any) -> str | None:
 def _ids(value: Any) -> str | None:
     if not isinstance(value, list):
         return "must be a list of instance ids"
-    bad = [v for v in value if not isinstance(v, str) or not LABEL_RE.fullmatch(v)]
+    bad = [v for v in value if not isinstance(v, str) or not _entry_ok(v)]
     return f"invalid instance id {bad[0]!r}: must be {LABEL_RULE}" if bad else None
+
+
+def _entry_ok(value: str) -> bool:
+    """ "ID" or "ID@RELEASE" (a pin), both DNS labels."""
+    instance_id, sep, release = value.partition("@")
+    return bool(LABEL_RE.fullmatch(instance_id)) and (not sep or bool(LABEL_RE.fullmatch(release)))
 
 
 def _env(value: Any) -> str | None:

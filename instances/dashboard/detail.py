@@ -13,16 +13,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from django.conf import settings
 from django.http import Http404, HttpRequest, HttpResponse
 from django.shortcuts import render
+from django.urls import reverse
 
 from instances import operations as ops
 from instances.dashboard.access import nav_context, staff_page
-from instances.dashboard.display import human_seconds, tenant_url
+from instances.dashboard.display import actions_for, human_seconds, state_label, tenant_url
 from instances.ids import InvalidName
 from instances.models import Instance
 from instances.spec import ServiceSpec
 
+# (series in the charts' JSON, title, unit) of the instance page's charts.
+INSTANCE_CHARTS = (
+    ("requests", "Requests", "per step"),
+    ("p95_ms", "p95 latency", "ms"),
+    ("wake_ms", "Wake duration", "ms"),
+    ("rss_mb", "Memory (RSS)", "MiB"),
+)
 TAIL_LINES = 200
 EVENTS = 50
 # A data dir can hold millions of files: the page must not wait on walking them all.
@@ -66,7 +75,12 @@ def detail(request: HttpRequest, key: str) -> HttpResponse:
         events=list(instance.events.order_by("-id")[:EVENTS]),
         lines=lines,
         last_id=lines[-1].id if lines else 0,
-        actions=ACTIONS,
+        actions=[a for a in ACTIONS if a[0] in actions_for(instance.state)],
+        state_label=state_label(instance.state),
+        instance_charts=INSTANCE_CHARTS,
+        charts_url=reverse("dashboard:charts-instance", args=[str(instance.key)]),
+        grafana_url=settings.TENEMENT_GRAFANA_URL,
+        releases=list(instance.service.releases.exclude(state="retired").order_by("created_at")),
     )
     return render(request, "dashboard/detail.html", context)
 

@@ -8,6 +8,27 @@ from django.http.request import split_domain_port
 
 from instances.models import Instance
 
+# What the dashboard calls a state: `stopped` is "sleeping" everywhere on it (the next
+# request wakes it), the value in forms and data attributes stays the state's own.
+STATE_LABELS = {"stopped": "sleeping"}
+# The actions that do something in each state, in button order.
+ACTIONS_BY_STATE = {
+    "stopped": ("start", "deregister"),
+    "starting": ("stop", "deregister"),
+    "running": ("restart", "stop", "deregister"),
+    "stopping": ("deregister",),
+    "backoff": ("start", "stop", "deregister"),
+    "failed": ("start", "deregister"),
+}
+
+
+def state_label(state: str) -> str:
+    return STATE_LABELS.get(state, state)
+
+
+def actions_for(state: str) -> tuple[str, ...]:
+    return ACTIONS_BY_STATE.get(state, ("deregister",))
+
 
 def human_seconds(seconds: float | None) -> str:
     """'2d 3h', '4m 10s', '12s'; an em dash when not running."""

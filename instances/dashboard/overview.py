@@ -13,6 +13,7 @@ from itertools import groupby
 from typing import Any
 from urllib.parse import urlencode
 
+from django.conf import settings
 from django.contrib import messages
 from django.core.paginator import Page, Paginator
 from django.db.models import Count, QuerySet
@@ -33,14 +34,22 @@ from django.views.decorators.http import require_POST
 from instances import operations as ops
 from instances.api.serializers import live_process
 from instances.dashboard.access import nav_context, staff_page
-from instances.dashboard.display import human_seconds, tenant_url
+from instances.dashboard.display import actions_for, human_seconds, state_label, tenant_url
 from instances.dashboard.forms import AddTenantForm
 from instances.ids import InvalidName, parse_key
 from instances.models import Instance, Service
 
 PAGE_SIZE = 50
 STATES = [value for value, _ in Instance.State.choices]
+# (value, label) for the state filter: "sleeping" for stopped, as everywhere on the page.
+STATE_CHOICES = [(value, state_label(value)) for value in STATES]
 ROWS_TEMPLATE = "dashboard/_instance_rows.html"
+# (series in the charts' JSON, title, unit) of the overview's charts.
+OVERVIEW_CHARTS = (
+    ("req_per_s", "Requests", "req/s"),
+    ("wakes", "Wakes", "per step"),
+    ("running", "Instances running", "instances"),
+)
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,14 @@ class Row:
         )
 
     @property
+    def label(self) -> str:
+        return state_label(self.state)
+
+    @property
+    def actions(self) -> tuple[str, ...]:
+        return actions_for(self.state)
+
+    @property
     def wants_other(self) -> bool:
         """Settled one way, asked for the other: the supervisor has not acted yet."""
         return self.state in ("running", "stopped") and self.state != self.desired
@@ -170,7 +187,10 @@ def overview(request: HttpRequest) -> HttpResponse:
         "overview",
         counts=counts(),
         services=Service.objects.values_list("name", flat=True),
-        states=STATES,
+        states=STATE_CHOICES,
+        overview_charts=OVERVIEW_CHARTS,
+        charts_url=reverse("dashboard:charts-overview"),
+        grafana_url=settings.TENEMENT_GRAFANA_URL,
         **rows_context(filters),
     )
     return render(request, "dashboard/overview.html", context)

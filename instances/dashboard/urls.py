@@ -3,16 +3,20 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from instances.dashboard import detail, logs, overview, releases, tokens
+from instances.dashboard import charts, detail, logs, overview, releases, tokens
 
 app_name = "dashboard"
 
 urlpatterns = [
     path("", overview.overview, name="overview"),
     path("tenants/add/", overview.add_tenant, name="add-tenant"),
+    path("charts/overview.json", charts.overview, name="charts-overview"),
+    path("instances/<str:key>/charts.json", charts.instance, name="charts-instance"),
     path("instances/<str:key>/", detail.detail, name="detail"),
     path("instances/<str:key>/action/", overview.instance_action, name="instance-action"),
     path("releases/", releases.releases, name="releases"),
+    path("releases/<str:service>/action/", releases.release_action, name="release-action"),
+    path("instances/<str:key>/pin/", releases.pin, name="instance-pin"),
     path("logs/", logs.search, name="logs"),
     path("tokens/", tokens.tokens, name="tokens"),
     path("tokens/<str:name>/revoke/", tokens.revoke, name="token-revoke"),

@@ -50,8 +50,18 @@ def human_seconds(seconds: float | None) -> str | None:
     return f"{seconds // 86400}d{seconds % 86400 // 3600:02d}h"
 
 
+def tenement_version() -> str:
+    """`--version` of our commands: tenement's version, not Django's."""
+    from instances.health import version
+
+    return f"tenement {version()}"
+
+
 class OperatorCommand(BaseCommand):
     """Turns expected errors into one clear line and a non-zero exit, never a traceback."""
+
+    def get_version(self) -> str:
+        return tenement_version()
 
     def create_parser(self, prog_name: str, subcommand: str, **kwargs: Any) -> Any:
         parser = super().create_parser(prog_name, subcommand, **kwargs)

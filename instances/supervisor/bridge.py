@@ -99,6 +99,8 @@ class Bridge:
             self.sup.spawn_helper(self.answer_wake(key, message["reply"], suspect, wake_id))
         elif kind == "activity":
             self.record_activity(message["proxy"], message["touched"], message["open"])
+        elif kind == "sync":  # an operator changed desired state (routing/operations.py)
+            self.sup.spawn_helper(self.sup.sync_now())
         else:
             log.warning("ignoring a message of unknown type %r", kind)
 
@@ -117,7 +119,13 @@ class Bridge:
             timeout = isinstance(e, WakeTimedOut)  # still starting: it may be asked again
             self.post(reply, {**message, "failed": failed, "refused": refused, "timeout": timeout})
             return
-        ready = {"type": "wake.ready", "key": str(key), "socket": socket_of(rt), "id": wake_id}
+        ready = {
+            "type": "wake.ready",
+            "key": str(key),
+            "socket": socket_of(rt),
+            "release": rt.release,
+            "id": wake_id,
+        }
         self.post(reply, ready)
 
     def record_activity(self, proxy: str, touched: list[str], open_counts: dict[str, int]) -> None:
@@ -155,7 +163,8 @@ class Bridge:
     # ---- outgoing ---------------------------------------------------------------------
 
     def ready(self, rt: Runtime) -> None:
-        self.post(None, {"type": "instance.ready", "key": str(rt.key), "socket": socket_of(rt)})
+        message = {"type": "instance.ready", "key": str(rt.key), "socket": socket_of(rt)}
+        self.post(None, {**message, "release": rt.release})
 
     def down(self, rt: Runtime, *, code: int = GOING_AWAY, failed: bool = False) -> None:
         self.post(

@@ -38,9 +38,11 @@ from instances.supervisor.monitor import Monitor
 from instances.supervisor.persist import DbThread, Outbox
 from instances.supervisor.ports import PortPool
 from instances.supervisor.recovery import PidFiles, Recovery
+from instances.supervisor.releases import Releases
 from instances.supervisor.runtime import Runtime, State
 from instances.supervisor.signals import stop_on_signals
 from instances.supervisor.wake import InstanceRefused, InstanceUnavailable, Waker
+from routing.releases import ReleaseInfo
 
 log = logging.getLogger("tenement.supervisor")
 
@@ -64,7 +66,7 @@ def running_here() -> Supervisor | None:
     return _running.get(asyncio.get_running_loop())
 
 
-class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
+class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery, Releases):
     def __init__(
         self,
         *,
@@ -80,6 +82,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
         self.drain_tasks = drain_tasks
         self.runtimes: dict[InstanceKey, Runtime] = {}
         self.by_pk: dict[int, Runtime] = {}
+        # service -> its releases, oldest first (routing/releases.py)
+        self.releases: dict[str, tuple[ReleaseInfo, ...]] = {}
         # Runtimes not stopped or failed (starting, running, backing off, stopping): the
         # health, idle and backoff timers only ever concern these, so an idle supervisor
         # with 1,000 registered tenants walks the 20 that run, not all 1,000.
@@ -299,7 +303,8 @@ class Supervisor(DesiredState, Lifecycle, Monitor, Waker, Recovery):
 
         Nothing here awaits: writes go to the outbox, reads to the desired-state loop."""
         now = self.clock()
-        did = self.reconcile()
+        did = self.move_releases()
+        did |= self.reconcile()
         did |= self.bridge.prune()
         did |= self.reap_idle()
         if now >= self._next_activity_flush:

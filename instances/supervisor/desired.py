@@ -57,6 +57,7 @@ class DesiredState:
     async def load(self: Supervisor) -> None:
         self.settings = await self.read(store.load_settings)
         self.watermark = timezone.now()
+        self.apply_releases(await self.read(store.load_releases))
         for row in await self.read(store.load_instances):
             self.add_runtime(row)
 
@@ -95,6 +96,17 @@ class DesiredState:
                 self.poke()
             await self.wait_for_wakeup(SYNC_INTERVAL, wake=False)
 
+    async def sync_now(self: Supervisor) -> None:
+        """A poke from another process: read desired state now, not at the next pass."""
+        try:
+            async with self._sync_lock:
+                changed = await self.sync_desired()
+        except DatabaseError as e:  # the regular pass retries
+            log.warning("cannot read desired state on a poke: %s", e)
+            return
+        if changed:
+            self.poke()
+
     async def sync_if_changed(self: Supervisor) -> bool:
         """sync_desired, when the database's fingerprint moved (or the safety net is due)."""
         now = self.clock()
@@ -124,6 +136,7 @@ class DesiredState:
         )
         rt.restart_pending = row.restart_requested
         rt.uid = row.uid
+        rt.pin, rt.last_good, rt.weight = row.release, row.last_release, row.weight
         self.reserve_record(rt)
         self.runtimes[key] = rt
         self.by_pk[rt.pk] = rt
@@ -148,6 +161,7 @@ class DesiredState:
         changes = await self.reader.call(store.changes_since, self.watermark)
         # From here on no await: the changes apply in one step of the loop.
         did = self.apply_settings(changes.settings)
+        did |= self.apply_releases(changes.releases)
         specs = {s.name: ServiceSpec.from_model(s) for s in changes.services}
         # Only when a service changed: a walk over 1,000 tenants every second is idle CPU.
         for rt in self.runtimes.values() if specs else ():
@@ -182,6 +196,10 @@ class DesiredState:
             return False
         rt.desired = row.desired_state
         rt.always_on = row.always_on
+        rt.pin = row.release
+        if rt.weight != row.weight:
+            rt.weight = row.weight
+            self.bridge.routes_changed()  # the weighted host's split
         rt.spec = ServiceSpec.from_model(row.service)
         if row.restart_requested:
             rt.restart_pending = True

@@ -12,6 +12,7 @@ from instances.addresses import parse_tcp
 from instances.supervisor import fds
 
 MAX_RESPONSE_HEAD = 64 * 1024
+MAX_RESPONSE_BODY = 1024 * 1024
 
 
 class HealthResult(NamedTuple):
@@ -80,12 +81,21 @@ async def _http_get(socket_path: str, path: str) -> HealthResult:
 
 
 async def _read_status(conn: h11.Connection, reader: asyncio.StreamReader) -> int:
+    """The response's status, once its whole body is read (up to MAX_RESPONSE_BODY): an
+    app whose answer we hung up on would log a broken pipe for every check."""
+    status, body = None, 0
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
             conn.receive_data(await reader.read(16384))
             continue
         if isinstance(event, h11.Response):
-            return event.status_code
-        if isinstance(event, h11.ConnectionClosed):
-            raise h11.RemoteProtocolError("connection closed before a response")
+            status = event.status_code
+        elif isinstance(event, h11.Data):
+            body += len(event.data)
+            if body > MAX_RESPONSE_BODY and status is not None:
+                return status  # a health body this large is the app's problem, not ours
+        elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+            if status is None:
+                raise h11.RemoteProtocolError("connection closed before a response")
+            return status

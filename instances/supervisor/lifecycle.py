@@ -45,6 +45,7 @@ LEGAL: dict[str, frozenset[str]] = {
 }
 
 FAST_PROBE, FAST_PROBE_FOR, SLOW_PROBE = 0.005, 2.0, 0.05
+PROXY_DRAIN_GRACE = 0.25  # seconds between "down" to the proxies and SIGTERM, on a move
 MAX_HEALTH_TIMEOUT = 5.0
 UNHEALTHY = "unhealthy: "  # how a health-check failure's reason starts
 OOM = "oom: "  # how an out-of-memory kill's reason starts
@@ -84,8 +85,10 @@ class Lifecycle:
         """Begin a start attempt; the task owns the process until it exits."""
         rt.stopping = rt.failure = None
         rt.restart_pending = False
-        # A config change applies from the next start; this process keeps its own spec.
-        rt.proc_spec = rt.spec
+        # A config change applies from the next start; this process keeps its own spec,
+        # with the overrides of the release the tenant runs now.
+        rt.release = self.target_release(rt)
+        rt.proc_spec = self.release_spec(rt, rt.release)
         rt.task = asyncio.create_task(self.lifecycle(rt), name=f"instance {rt.key}")
         return rt.task
 
@@ -233,6 +236,7 @@ class Lifecycle:
         rt.next_health = self.clock() + self.settings.health_check_interval
         took = (self.clock() - rt.started_at) * 1000
         rt.ready.set()
+        self.healthy_on_release(rt)
         self.bridge.ready(rt)
         self.set_state(
             rt,
@@ -321,6 +325,8 @@ class Lifecycle:
     def handle_failure(self: Supervisor, rt: Runtime, reason: str, **fields: Any) -> None:
         """A crash or failed start: back off and retry, or give up as failed."""
         rt.failure = reason
+        if self.fall_back(rt, reason):
+            return
         fields.update(pid=None, pid_create_time=None, port=None, last_error=reason)
         if fds.pressure.recent():
             self.defer_restart(rt, reason, **fields)
@@ -382,7 +388,8 @@ class Lifecycle:
         rt.stopping = reason
         rt.ready.clear()
         # Before the SIGTERM, so proxies close WebSockets cleanly rather than see a reset.
-        self.bridge.down(rt, code=RESTARTING if reason == "restart" else GOING_AWAY)
+        code = RESTARTING if reason in ("restart", "release") else GOING_AWAY
+        self.bridge.down(rt, code=code)
         if rt.task is None or rt.task.done():
             if rt.state == State.BACKOFF:
                 self.set_state(rt, State.STOPPED, "stopped", reason)
@@ -397,6 +404,11 @@ class Lifecycle:
         if proc is not None and proc.returncode is None:
             if rt.state in (State.STARTING, State.RUNNING):
                 self.set_state(rt, State.STOPPING, "stopping", f"stopping ({reason})")
+            if reason == "release" and rt.state == State.STOPPING:
+                # A move under load: let every proxy hear "down" and stop handing out
+                # this socket before the app stops accepting (requests then wait for
+                # the new release instead of meeting a closing connection).
+                await self.wait_for_wakeup(PROXY_DRAIN_GRACE, wake=False)
             await process.terminate(proc, rt.run_spec.stop_timeout)
         if rt.task is not None:
             await rt.task
@@ -408,6 +420,10 @@ class Lifecycle:
         self: Supervisor, rt: Runtime, new: str, kind: str, message: str, **fields: Any
     ) -> None:
         """Move to `new` now, and queue the database's copy of it (never awaited)."""
+        if new == State.STOPPED:
+            # No process, no verdict: a stopped instance is neither healthy nor failing.
+            rt.health_ok = None
+            fields.setdefault("health_ok", None)
         old = self.enter_state(rt, new, message)
         what = f"{rt.key} -> {new}"
         self.outbox.put(what, store.transition, rt.pk, old, new, kind, message, **fields)

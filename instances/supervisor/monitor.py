@@ -83,10 +83,10 @@ class Monitor:
 
     def health_passed(self: Supervisor, rt: Runtime) -> None:
         rt.health_failures = 0
-        if rt.health_ok is not True:
-            rt.health_ok = True
-            fields = {"health_ok": True, "health_checked_at": timezone.now()}
-            self.outbox.put("health", store.update, rt.pk, **fields)
+        rt.health_ok = True
+        # Every check, not only changes: "checked at" must say when it was last looked at.
+        fields = {"health_ok": True, "health_checked_at": timezone.now()}
+        self.outbox.put("health", store.update, rt.pk, **fields)
 
     def health_failed(self: Supervisor, rt: Runtime, detail: str) -> None:
         rt.health_failures += 1

@@ -16,7 +16,7 @@ State = Instance.State
 Desired = Instance.Desired
 
 # Stops we asked for; any other exit is a failure and goes through the restart policy.
-EXPECTED_STOPS = frozenset({"idle", "manual", "shutdown", "removed", "restart"})
+EXPECTED_STOPS = frozenset({"idle", "manual", "shutdown", "removed", "restart", "release"})
 
 
 @dataclass
@@ -59,6 +59,13 @@ class Runtime:
     # Bumped to cancel the wakes in flight (an operator stop, a deregistration), and why.
     wake_epoch: int = 0
     wake_cancelled: str = ""
+    # Releases (routing/releases.py): the one its process runs (or last ran), the one it
+    # last became healthy on, its pin, and those it failed to start on (name -> version).
+    release: str = ""
+    last_good: str = ""
+    pin: str = ""
+    skip: dict[str, str] = field(default_factory=dict)
+    weight: int = 100
     # Set while the instance is running and ready.
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     # Replaced on every state change; waiters hold the old one, which gets set.

@@ -18,7 +18,16 @@ from typing import Any
 from django.db import connection, transaction
 from django.utils import timezone
 
-from instances.models import Event, Instance, Service, SupervisorHeartbeat, SupervisorSettings
+from instances.models import (
+    Event,
+    Instance,
+    Release,
+    ReleaseChange,
+    Service,
+    SupervisorHeartbeat,
+    SupervisorSettings,
+)
+from routing.releases import ReleaseInfo
 
 
 @dataclass
@@ -27,6 +36,7 @@ class Changes:
     services: list[Service]
     instance_count: int
     settings: SupervisorSettings
+    releases: dict[str, tuple[ReleaseInfo, ...]]
 
 
 def _now() -> datetime:
@@ -47,7 +57,7 @@ def fingerprint(recent: datetime) -> tuple[Any, ...]:
     late with an older stamp (the rows changed since `recent`, usually none). Polled
     every second instead of changes_since's ORM queries, which were most of an idle
     supervisor's CPU."""
-    tables = [Instance._meta.db_table, Service._meta.db_table]
+    tables = [Instance._meta.db_table, Service._meta.db_table, Release._meta.db_table]
     with connection.cursor() as cursor:
         answer: list[Any] = []
         for table in tables:
@@ -71,7 +81,46 @@ def changes_since(watermark: datetime) -> Changes:
         services=list(Service.objects.filter(updated_at__gte=watermark)),
         instance_count=Instance.objects.count(),
         settings=SupervisorSettings.current(),
+        # Every release, on every sync: a handful of rows, and a change must reach running
+        # tenants whatever its timestamp.
+        releases=load_releases(),
     )
+
+
+def load_releases() -> dict[str, tuple[ReleaseInfo, ...]]:
+    out: dict[str, list[ReleaseInfo]] = {}
+    for r in Release.objects.select_related("service").order_by("created_at", "id"):
+        out.setdefault(r.service.name, []).append(release_info(r))
+    return {service: tuple(found) for service, found in out.items()}
+
+
+def release_info(r: Release) -> ReleaseInfo:
+    return ReleaseInfo(
+        name=r.name,
+        weight=r.weight,
+        state=r.state,
+        command=r.command,
+        args=tuple(r.args) if r.args is not None else None,
+        env=tuple(sorted((r.env or {}).items())),
+        health=r.health,
+        version=r.updated_at.isoformat(),
+    )
+
+
+def release_fallback(pk: int, service: str, release: str, to: str, message: str) -> None:
+    """The audit record of a failed start that fell back (the instance's event too)."""
+    with transaction.atomic():
+        instance = Instance.objects.filter(pk=pk).values_list("instance_id", flat=True).first()
+        ReleaseChange.objects.create(
+            service=service,
+            release=release,
+            instance=instance or "",
+            kind="fallback",
+            actor="supervisor",
+            from_value=release,
+            to_value=to,
+            message=message[:2000],
+        )
 
 
 def leftovers() -> list[Instance]:

@@ -1,7 +1,7 @@
 """An ASGI tenant app for the proxy tests, run by uvicorn on $SOCKET_PATH.
 
 GET  /health            200
-GET  /whoami            {"instance": ..., "pid": ..., "port": $PORT}
+GET  /whoami            {"instance": ..., "pid": ..., "release": $RELEASE, "port": $PORT}
 GET  /headers           the request headers as JSON (lists, in order)
 POST /upload            streams the body in; answers {"bytes": n, "sha256": ...}
 GET  /download?mb=N     N MiB of a repeating pattern, streamed in 64 KiB chunks (chunked)
@@ -47,8 +47,9 @@ async def http(scope: dict[str, Any], receive: Any, send: Any) -> None:
         headers = [[n.decode("latin-1"), v.decode("latin-1")] for n, v in scope["headers"]]
         await answer(send, 200, headers)
     elif path == "/whoami":
-        me = {"instance": os.environ["INSTANCE_ID"], "pid": os.getpid()}
-        await answer(send, 200, {**me, "port": os.environ.get("PORT")})
+        who = {"instance": os.environ["INSTANCE_ID"], "pid": os.getpid()}
+        extra = {"release": os.environ.get("RELEASE", ""), "port": os.environ.get("PORT")}
+        await answer(send, 200, {**who, **extra})
     elif path == "/active":
         await answer(send, 200, ACTIVE)
     else:

@@ -21,6 +21,12 @@ class Command(OperatorCommand):
         parser.add_argument("file", help="Path to tenement.toml")
         parser.add_argument("--check", action="store_true", help="Only validate; change nothing.")
 
+    def execute(self, *args: Any, **options: Any) -> Any:
+        if options.get("check"):
+            # A check leaves nothing behind, so the data dir need not exist (tenement.E001).
+            options["skip_checks"] = True
+        return super().execute(*args, **options)
+
     def handle(self, *args: Any, **options: Any) -> None:
         try:
             config = load_config(options["file"], settings.TENEMENT_DATA_DIR)
@@ -30,7 +36,11 @@ class Command(OperatorCommand):
             self.report_check(config, options["file"])
             return
         ensure_migrated(self.stderr.write)
-        for line in apply_config(config).lines():
+        try:
+            report = apply_config(config)
+        except ConfigError as e:  # e.g. a pin to a release that does not exist
+            raise CommandError(str(e)) from None
+        for line in report.lines():
             self.stdout.write(line)
 
     def report_check(self, config: LoadedConfig, path: str) -> None:

@@ -4,8 +4,10 @@ import json
 import time
 from typing import Any
 
+from django.core.management.base import CommandError
+
 from instances.management.base import OperatorCommand, human_seconds, table
-from instances.models import Instance
+from instances.models import Instance, Service
 from instances.operations import supervisor_alive
 
 
@@ -20,7 +22,11 @@ class Command(OperatorCommand):
     def handle(self, *args: Any, **options: Any) -> None:
         qs = Instance.objects.select_related("service")
         if options["service"]:
-            qs = qs.filter(service__name=options["service"])
+            name = options["service"]
+            if not Service.objects.filter(name=name).exists():
+                known = ", ".join(Service.objects.order_by("name").values_list("name", flat=True))
+                raise CommandError(f"no such service: {name} (services: {known or 'none'})")
+            qs = qs.filter(service__name=name)
         if options["state"]:
             qs = qs.filter(state=options["state"])
         now = time.time()

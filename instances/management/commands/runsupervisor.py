@@ -11,12 +11,14 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from instances import systemd
 from instances.config import ConfigError, load_config
-from instances.management.base import ensure_migrated
+from instances.management.base import ensure_migrated, tenement_version
 from instances.supervisor import Supervisor
 from instances.supervisor.cgroups import release as release_cgroups
 from instances.supervisor.isolation import host, isolation_report, mask
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
+from instances.supervisor.sampling import sample_loop
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
 
@@ -28,6 +30,9 @@ class Command(BaseCommand):
         "Run tenement: the supervisor (spawn, health-check, restart, idle-stop every instance) "
         "and the HTTP server, in one process. Stops every instance on SIGTERM/SIGINT."
     )
+
+    def get_version(self) -> str:
+        return tenement_version()
 
     def add_arguments(self, parser: Any) -> None:
         parser.add_argument(
@@ -75,23 +80,31 @@ class Command(BaseCommand):
             raise CommandError(str(e)) from None
 
     def run(self, options: dict[str, Any]) -> None:
-        if not options["no_migrate"]:
-            ensure_migrated(self.stdout.write)
-        if options["config"]:
-            self.load(options["config"])
+        # Listen first: a port in use stops us before the database or any instance is
+        # touched (the [instances] of --config would otherwise be marked to start).
         extra = {}
         if not options["no_http"]:
             try:
                 extra["tenement-http"] = http_task(bind_socket(options["bind"]))
             except (OSError, ValueError) as e:
                 raise CommandError(str(e)) from None
+        if options["metrics_bind"]:
+            extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
+        if not options["no_migrate"]:
+            ensure_migrated(self.stdout.write)
+        if options["config"]:
+            self.load(options["config"])
+        if not options["no_http"]:
+            # The dashboard's charts: this process serves both the proxy and the pages.
+            extra["tenement-timeline"] = sample_loop
             self.stdout.write(
                 f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
             )
             self.hint_login()
-        if options["metrics_bind"]:
-            extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
         self.report_isolation()
+        if (notify := systemd.from_environment()) is not None:
+            # Type=notify: READY and WATCHDOG follow /health's checks.
+            extra["tenement-systemd"] = systemd.task(*notify)
         drain = frozenset({"tenement-http", "tenement-metrics-http"})
         supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
@@ -133,7 +146,10 @@ class Command(BaseCommand):
             config = load_config(path, settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise CommandError(str(e)) from None
-        report = apply_config(config)
+        try:
+            report = apply_config(config)
+        except ConfigError as e:  # e.g. a pin to a release that does not exist
+            raise CommandError(str(e)) from None
         started = start_config_instances(config)
         self.stdout.write(f"Loaded {path}:")
         for line in report.lines():
