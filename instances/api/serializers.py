@@ -83,7 +83,6 @@ class InstanceSerializer(serializers.ModelSerializer):
     health = serializers.SerializerMethodField(help_text="healthy|unhealthy|failed|unknown")
     storage_used_bytes = serializers.SerializerMethodField()
     storage_quota_bytes = serializers.SerializerMethodField()
-    weight = serializers.SerializerMethodField(help_text="traffic weight 0-100")
 
     class Meta:
         model = Instance
@@ -97,7 +96,6 @@ class InstanceSerializer(serializers.ModelSerializer):
             "health",
             "storage_used_bytes",
             "storage_quota_bytes",
-            "weight",
             "key",
             "service",
             "instance_id",
@@ -153,10 +151,6 @@ class InstanceSerializer(serializers.ModelSerializer):
     def get_storage_quota_bytes(self, obj: Instance) -> int | None:
         quota = obj.service.storage_quota_mb
         return quota * 2**20 if quota else None
-
-    def get_weight(self, obj: Instance) -> int:
-        # Releases (weighted routing) are not built yet: every instance takes full traffic.
-        return 100
 
     def get_uptime_seconds(self, obj: Instance) -> float | None:
         return obj.uptime_seconds(self.context.get("now"))
