@@ -57,7 +57,7 @@ class TelemetryView(APIView):
         if tenant := tenant_of(request):
             qs = qs.filter(instance_id=tenant)
         totals = request_totals()
-        context = {"now": time.time()}
+        context = {"now": time.time(), "request": request}
         rows = [telemetry_row(instance, totals, context) for instance in qs]
         requests = totals[0]
         summary = {
