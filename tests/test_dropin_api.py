@@ -112,6 +112,13 @@ def test_health_storage_and_telemetry(world: dict) -> None:
         "total_requests": 0,
     }
     assert client().get("/api/telemetry").status_code == 401
+    world["alice"].state, world["alice"].health_ok = "running", True
+    world["alice"].save()
+    telemetry = read.get("/api/telemetry").json()
+    assert telemetry["summary"]["total_instances"] == telemetry["summary"]["healthy_instances"] == 1
+    (row,) = telemetry["instances"]
+    assert row["id"] == "notes:alice" and row["process"] == "notes" and row["instance"] == "alice"
+    assert row["health"] == "healthy" and row["weight"] == 100
 
 
 def test_spawn_body_is_checked(world: dict) -> None:

@@ -117,7 +117,11 @@ def test_port_interpolates_and_a_tcp_app_wakes_on_request(server: Server) -> Non
     assert response.status == 200, body
     assert response.getheader("X-Tenement-Wake") is not None
     me = json.loads(body)
-    assert server.rows()["tcp:bob"]["socket_path"] == f"tcp:127.0.0.1:{me['port']}"
+    # The database mirrors the supervisor behind its back (write-behind): wait for it.
+    server.wait_for(
+        "the row's upstream",
+        lambda: server.rows()["tcp:bob"]["socket_path"] == f"tcp:127.0.0.1:{me['port']}",
+    )
 
 
 def test_two_tenants_get_different_ports(server: Server) -> None:

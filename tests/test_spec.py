@@ -99,7 +99,6 @@ def test_workdir_relative_to_config_dir() -> None:
 @pytest.mark.parametrize(
     ("template", "message"),
     [
-        ("{port}", "apps listen on the Unix socket"),
         ("{nope}", "unknown placeholder {nope}"),
         ("{id.__class__}", "unknown placeholder"),
         ("{id!r}", "unknown placeholder"),
@@ -110,6 +109,14 @@ def test_workdir_relative_to_config_dir() -> None:
 def test_bad_templates(template: str, message: str) -> None:
     with pytest.raises(TemplateError, match=message.replace("{", r"\{").replace("}", r"\}")):
         check_template(template)
+
+
+def test_port_is_a_placeholder_but_not_in_socket_or_workdir_templates() -> None:
+    from instances.config import SOCKET_PLACEHOLDERS
+
+    check_template("--port {port}")  # command, args, env: the instance's $PORT
+    with pytest.raises(TemplateError, match="unknown placeholder"):
+        check_template("/run/{port}", SOCKET_PLACEHOLDERS)
 
 
 def test_literal_braces() -> None:

@@ -26,7 +26,7 @@ DEFAULT_TIMEOUT = 30.0
 DEFAULT_WAIT = 60.0
 STATES = ("stopped", "starting", "running", "stopping", "backoff", "failed")
 # Verbs that work without the server (no token needed).
-LOCAL_VERBS = frozenset({"init", "config", "token-gen"})
+LOCAL_VERBS = frozenset({"init", "config", "token-gen", "install", "uninstall", "nginx", "caddy"})
 
 DESCRIPTION = """\
 ten: the command-line client of tenement's REST API (upstream `ten` verbs).

@@ -56,11 +56,11 @@ def data_dir(args: Namespace) -> Path:
 
 def token_from_file(args: Namespace) -> str | None:
     """{data_dir}/api_token, as `ten token-gen` writes it; None if there is none."""
-    path = data_dir(args) / TOKEN_FILE
     try:
+        path = data_dir(args) / TOKEN_FILE
         token = path.read_text().strip()
-    except (FileNotFoundError, NotADirectoryError, PermissionError):
-        return None
+    except (CliError, FileNotFoundError, NotADirectoryError, PermissionError):
+        return None  # an unreadable tenement.toml here is no reason to fail a verb
     return token or None
 
 

@@ -216,9 +216,9 @@ class Lifecycle:
         spec, instance_id = rt.run_spec, rt.key.instance_id
         unix = spec.socket_path(instance_id)
         tcp = tcp_address(rt.port) if rt.port is not None and spec.tcp_allowed else ""
-        if spec.listen == "tcp" or (
-            spec.listen == "auto" and tcp and not await asyncio.to_thread(os.path.exists, unix)
-        ):
+        # A stat of the socket (a local file) per probe: cheaper than a thread hop, and the
+        # probes run every 5 ms while a request may be held.
+        if spec.listen == "tcp" or (spec.listen == "auto" and tcp and not os.path.exists(unix)):
             rt.address = tcp
         else:
             rt.address = unix
