@@ -277,8 +277,14 @@ def test_a_sleeping_tenant_is_woken_through_nginx(front: Front) -> None:
     d.wait_states({f"{SERVICE}:bob": "running"})
     # The access log's line for it: the real client, the wake, the request id.
     rid = response.headers["X-Request-ID"]
-    lines = [json.loads(x) for x in front.supervisor_log().splitlines() if rid in x]
-    [line] = [x for x in lines if x.get("event") == "access"]
+
+    def access_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in front.supervisor_log().splitlines() if rid in x]
+        return [x for x in lines if x.get("event") == "access"]
+
+    # Log lines are written by a listener thread: a moment after the response.
+    d.wait_for("the access log line", lambda: bool(access_lines()), 10)
+    [line] = access_lines()
     assert line["instance"] == f"{SERVICE}:bob" and line["status"] == 200
     assert line["client"] == "127.0.0.5" and line["wake_ms"] > 0
     assert line["bytes"] == len(body) and line["duration_ms"] >= line["wake_ms"]
@@ -461,7 +467,7 @@ def test_direct_nginx_serves_from_the_socket_and_wakes_through_tenement(
     assert response.status == 404 and b"no such tenant" in body
 
 
-def test_the_socket_is_told_to_trusted_proxies_only(front: Front) -> None:
+def test_the_upstream_is_told_to_trusted_proxies_only(front: Front) -> None:
     query = "/_tenement/wake?host=" + f"carol.{DIRECT}.{DOMAIN}"
     for source, told in (("127.0.0.1", True), ("127.0.0.9", False)):
         conn = http.client.HTTPConnection(
@@ -472,7 +478,10 @@ def test_the_socket_is_told_to_trusted_proxies_only(front: Front) -> None:
         response.read()
         conn.close()
         assert response.status == 204
-        assert ("X-Tenement-Socket" in response.headers) is told, source
+        upstream = response.headers.get("X-Tenement-Upstream")
+        assert (upstream is not None) is told, source
+        if told:
+            assert upstream.startswith("unix:/") and upstream.endswith("/app.sock:"), upstream
 
 
 # ---- Caddy (Debian bookworm's 2.6.2), from the Caddyfile `ten caddy` prints ---------------
