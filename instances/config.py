@@ -401,11 +401,13 @@ SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php",
 
 
 def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
-    """The program, if given by path, and script files named by absolute path, that do not
-    exist. Paths under the tenants' data dir (made at start) or a mount are not checked."""
+    """The program and script files named by absolute path that do not exist. Paths
+    under the tenants' data dir (made at start) or a mount are not checked."""
     # Inside the sandbox a mount's destination holds its source: not a host path.
     made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
-    paths = [argv[0]] if argv and "/" in argv[0] else []
+    # Absolute paths only: a relative one is the workdir's (by default the config's
+    # folder), and may be built later (upstream's examples name binaries not built yet).
+    paths = [argv[0]] if argv and argv[0].startswith("/") else []
     paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
     return [
         p
@@ -427,8 +429,8 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
     problems += [
-        f"service.{name}.command: {path!r} does not exist (a copied config whose paths "
-        "were relative to its old folder? use absolute paths)"
+        f"service.{name}.command: {path!r} does not exist (a config copied away from its "
+        "apps? {config_dir} is the folder the config is in now)"
         for path in _missing_files(argv, spec)
     ]
     if fields.get("socket"):

@@ -34,6 +34,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DOMAIN = "example.test"
 SERVICE = "nginxed"
 DIRECT = "nginxdir"
+TCP = "nginxtcp"
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [service.{SERVICE}]
@@ -48,9 +49,16 @@ health = "/health"
 user = "nobody"
 idle_timeout = 3
 
+# An app on a TCP port (upstream's contract), also served by `ten nginx --direct`.
+[service.{TCP}]
+command = "{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --port {{port}}"
+health = "/health"
+listen = "tcp"
+
 [instances]
 {SERVICE} = ["alice", "bob"]
 {DIRECT} = ["carol"]
+{TCP} = ["dora"]
 """
 PASSWORD = "correct horse battery staple"
 
@@ -116,7 +124,9 @@ class Front:
 
     def certificate(self) -> tuple[Path, Path]:
         cert, key = self.root / "cert.pem", self.root / "key.pem"
-        names = f"DNS:{DOMAIN},DNS:*.{SERVICE}.{DOMAIN},DNS:*.{DIRECT}.{DOMAIN}"
+        names = ",".join(
+            [f"DNS:{DOMAIN}", *(f"DNS:*.{name}.{DOMAIN}" for name in (SERVICE, DIRECT, TCP))]
+        )
         subprocess.run(
             [
                 *(
@@ -143,7 +153,7 @@ class Front:
         d.start("--config", str(d.config), "--domain", DOMAIN, "--bind", bind, http=True)
         d.wait_for("tenement listening", lambda: listening(self.port), 60)
         d.wait_states({f"{SERVICE}:alice": "running", f"{SERVICE}:bob": "running"}, 60)
-        d.wait_states({f"{DIRECT}:carol": "running"}, 60)
+        d.wait_states({f"{DIRECT}:carol": "running", f"{TCP}:dora": "running"}, 60)
         created = subprocess.run(
             [
                 sys.executable,
@@ -465,6 +475,14 @@ def test_direct_nginx_serves_from_the_socket_and_wakes_through_tenement(
     # No such tenant: tenement's own clear answer, through nginx.
     response, body = https.request(f"zed.{DIRECT}.{DOMAIN}", "/")
     assert response.status == 404 and b"no such tenant" in body
+
+
+def test_direct_nginx_serves_an_app_on_a_tcp_port(front: Front, direct: int) -> None:
+    https = Https(direct, front.cert, "127.0.0.5")
+    response, body = https.request(f"dora.{TCP}.{DOMAIN}", "/headers")
+    assert response.status == 200, (body, front.logs())
+    seen = headers_seen(body)
+    assert "x-request-id" not in seen and seen["x-forwarded-proto"] == ["https"]
 
 
 def test_the_upstream_is_told_to_trusted_proxies_only(front: Front) -> None:
