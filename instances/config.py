@@ -23,6 +23,8 @@ from instances import config_checks
 from instances.ids import check_label
 from instances.interpolate import PLACEHOLDERS, TemplateError, check_template
 from instances.spec import MAX_SOCKET_PATH, ServiceSpec, isolation_fields
+from proxy.tls import config as tls_config
+from proxy.tls.config import TlsConfig, TlsTable
 
 ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 UID_RANGE_RE = re.compile(r"(\d{1,10})-(\d{1,10})")
@@ -164,6 +166,8 @@ class SettingsTable(_Table):
     wake_timeout: PositiveSeconds | None = None
     startup_timeout: PositiveSeconds | None = None
     log_retention_lines: PositiveInt | None = None
+    # HTTPS with built-in ACME (proxy/tls/config.py).
+    tls: TlsTable = TlsTable()
 
 
 def _absolute(value: str) -> str:
@@ -235,6 +239,7 @@ class LoadedConfig:
     always_on: dict[str, set[str]] = field(default_factory=dict)
     # service -> {instance id: release} from "ID@RELEASE" entries in [instances]
     pins: dict[str, dict[str, str]] = field(default_factory=dict)
+    tls: TlsConfig | None = None  # [settings.tls] when enabled
 
     def instance_ids(self, name: str) -> list[str]:
         """Tenants of a service: [instances] first, then always_on ids not listed there."""
@@ -333,6 +338,8 @@ def _model_for(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         return ConfigTables
     if loc[0] == "settings" and len(loc) == 1:
         return SettingsTable
+    if loc[:2] == ("settings", "tls") and len(loc) == 2:
+        return TlsTable
     if loc[0] == "service" and len(loc) == 2:
         return ServiceTable
     return None
@@ -344,6 +351,7 @@ def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> Loaded
     data_dir = Path(s.data_dir) if s.data_dir else default_data_dir
     data_dir = (config_dir / data_dir).resolve() if not data_dir.is_absolute() else data_dir
     config = LoadedConfig(path=path, settings=s, data_dir=data_dir)
+    config.tls = tls_config.resolve(s.tls, _control_domain(), data_dir, config_dir)
     for name, svc in tables.service.items():
         fields = svc.model_dump(exclude={"always_on"})
         fields["idle_timeout"] = _first(svc.idle_timeout, s.idle_timeout, DEFAULT_IDLE_TIMEOUT)
@@ -366,6 +374,12 @@ def _resolve(path: Path, tables: ConfigTables, default_data_dir: Path) -> Loaded
             if release
         }
     return config
+
+
+def _control_domain() -> str:
+    from django.conf import settings
+
+    return settings.TENEMENT_DOMAIN
 
 
 def _first(*values: Any) -> Any:
@@ -394,6 +408,7 @@ def _cross_check(config: LoadedConfig, tables: ConfigTables) -> list[str]:
             )
     for name, fields in config.services.items():
         problems += _check_service(name, fields, config.instance_ids(name))
+    problems += tls_config.problems(tables.settings.tls, _control_domain())
     return problems + config_checks.settings_problems(config, tables.settings)
 
 
@@ -401,19 +416,24 @@ SCRIPT_SUFFIXES = frozenset({".py", ".js", ".mjs", ".cjs", ".ts", ".rb", ".php",
 
 
 def _missing_files(argv: list[str], spec: ServiceSpec) -> list[str]:
-    """The program and script files named by absolute path that do not exist. Paths
-    under the tenants' data dir (made at start) or a mount are not checked."""
+    """The program, if given by path, and script files named by absolute path, that do not
+    exist. A relative program is looked up where it will run (the working directory: the
+    config file's folder unless `workdir` says otherwise). Paths under the tenants' data
+    dir (made at start) or a mount are not checked, nor any that depend on the tenant."""
     # Inside the sandbox a mount's destination holds its source: not a host path.
     made_later = [spec.data_dir, *(destination for _, destination, _ in spec.mounts)]
-    # Absolute paths only: a relative one is the workdir's (by default the config's
-    # folder), and may be built later (upstream's examples name binaries not built yet).
-    paths = [argv[0]] if argv and argv[0].startswith("/") else []
+    paths = [argv[0]] if argv and "/" in argv[0] else []
     paths += [a for a in argv[1:] if a.startswith("/") and Path(a).suffix in SCRIPT_SUFFIXES]
-    return [
-        p
-        for p in paths
-        if not any(root and p.startswith(root) for root in made_later) and not Path(p).exists()
-    ]
+    # Two tenants' working directories differ only if it names the tenant: then unknown.
+    cwd = spec.cwd("x") if spec.cwd("x") == spec.cwd("y") else None
+    missing = []
+    for p in paths:
+        full = Path(p) if Path(p).is_absolute() else (cwd / p if cwd else None)
+        if full is None or any(root and str(full).startswith(root) for root in made_later):
+            continue
+        if not full.exists():
+            missing.append(p)
+    return missing
 
 
 def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[str]:
@@ -429,8 +449,8 @@ def _check_service(name: str, fields: dict[str, Any], ids: list[str]) -> list[st
     elif "/" not in program and "{" not in fields["command"] and not shutil.which(program):
         problems.append(f"service.{name}.command: {program!r} not found on PATH")
     problems += [
-        f"service.{name}.command: {path!r} does not exist (a config copied away from its "
-        "apps? {config_dir} is the folder the config is in now)"
+        f"service.{name}.command: {path!r} does not exist (relative paths are looked up in "
+        "the config file's folder, or `workdir`; a copied config? use absolute paths)"
         for path in _missing_files(argv, spec)
     ]
     if fields.get("socket"):

@@ -37,17 +37,13 @@ VM_REFUSAL = (
 )
 # Upstream 0.2.x keys we do not implement: refused with why and what to use instead.
 # (Path in the file -> message.) A key that gains support moves to the loader's models.
-REFUSED_SETTINGS = {
-    "tls": (
-        "TLS through ACME is not supported by this version; terminate TLS in a reverse "
-        'proxy in front of tenement (Caddy or nginx, README "Deployment") and remove '
-        "[settings.tls]"
-    ),
-}
+# ([settings.tls] moved to the loader's models: built-in ACME, proxy/tls/.)
+REFUSED_SETTINGS: dict[str, str] = {}
 REFUSED_TOP = {
     "routing": (
         "[routing] is not supported: each tenant is reached at {id}.{service}.{domain}; "
-        "put path or custom-host rules in a reverse proxy in front, and remove [routing]"
+        "custom hosts are `ten domain add HOST SERVICE:ID`; put path rules in a reverse proxy "
+        "in front, and remove [routing]"
     ),
 }
 VM_KEYS = ("kernel", "rootfs", "memory_mb", "vcpus", "vsock_port")

@@ -107,6 +107,12 @@ class Metrics:
         self.log_lines = Counter(
             "tenement_log_lines_total", "Lines captured from apps' output.", [*who, "stream"]
         )
+        self.acme_orders = Counter(
+            "tenement_acme_orders_total",
+            "ACME certificate orders by outcome: issued, failed, or capped (not placed: "
+            "over settings.tls.orders_per_hour).",
+            ["outcome"],
+        )
         self.release_requests = Counter(
             "tenement_release_requests_total",
             "HTTP requests proxied, by the release that served them (on a weighted service "
@@ -226,6 +232,11 @@ def health_check_failed(key: InstanceKey) -> None:
 def idle_stopped(key: InstanceKey) -> None:
     if (metrics := current()) is not None:
         metrics.idle_stops.labels(*metrics.labels_of(key)).inc()
+
+
+def acme_order(outcome: str) -> None:
+    if (metrics := current()) is not None:
+        metrics.acme_orders.labels(outcome).inc()
 
 
 def release_fallback(service: str, release: str) -> None:
@@ -348,6 +359,22 @@ class StateCollector:
             family.add_metric([service], seconds)
 
 
+def tls_families() -> list[Metric]:
+    """Each served certificate's expiry (this process's HTTPS listener, if it has one)."""
+    from proxy.tls.manager import current as tls_manager
+
+    if (manager := tls_manager()) is None:
+        return []
+    family = GaugeMetricFamily(
+        "tenement_tls_certificate_expiry_seconds",
+        "When each served certificate expires (Unix time; subtract time() for what is left).",
+        labels=["name", "source"],
+    )
+    for names, served in dict(manager.served).items():
+        family.add_metric([",".join(names), served.source], served.cert.not_after.timestamp())
+    return [family]
+
+
 ALIASES_HELP = "Upstream tenement's name for "
 
 
@@ -424,6 +451,7 @@ def exposition() -> bytes:
     per_instance = settings.TENEMENT_METRICS_PER_INSTANCE
     families = list(source_registry().collect())
     families += StateCollector(per_instance).collect()
+    families += tls_families()
     families += aliases(families, per_instance)
     # generate_latest only calls .collect(): no registry needed around the list.
     return prometheus_client.generate_latest(_Collected(families))

@@ -134,7 +134,7 @@ class HostRouter:
         elif isinstance(route, Malformed):
             await self.refuse(send, 400, "malformed Host header")
         else:
-            await self.refuse(send, 404, f"no tenant is served at {route.host}")
+            await self.custom_domain(route.host, host, scope, receive, send)
 
     async def tenant(
         self, route: Tenant, host: bytes, scope: dict[str, Any], receive: Any, send: Any
@@ -207,6 +207,17 @@ class HostRouter:
             self.timeline.request(key, took)
             if self.access_log:
                 log_access(exchange, scope, took)
+
+    async def custom_domain(
+        self, name: str, host: bytes, scope: dict[str, Any], receive: Any, send: Any
+    ) -> None:
+        """A tenant's own domain (routing.Domain) goes where its own host goes."""
+        state = await proxy_state.current()
+        key = state.table.domains.get(name)
+        if key is None:
+            await self.refuse(send, 404, f"no tenant is served at {name}")
+            return
+        await self.tenant(Tenant(key), host, scope, receive, send)
 
     async def refuse(self, send: Any, status: int, detail: str) -> None:
         if self.protocol == "http":

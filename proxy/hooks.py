@@ -8,8 +8,8 @@
   (TENEMENT_TRUSTED_PROXIES) the 204 also says where the tenant listens
   (`X-Tenement-Upstream`), for `ten nginx --direct`'s `auth_request`.
 - `/_tenement/ask?domain=H`: Caddy's on-demand TLS `ask`: 200 when H is the control host,
-  a registered tenant or a service's weighted host, else 404, so certificates are only
-  issued for our own names.
+  a registered tenant, a service's weighted host or a tenant's routed custom domain, else
+  404, so certificates are only issued for our own names.
 
 Both answer from the proxy's in-memory routing snapshot: no database query.
 """
@@ -28,7 +28,7 @@ from proxy.forwarded import peer_of
 from proxy.limits import is_trusted
 from proxy.responses import plain
 from proxy.state import WakeRejected
-from routing.hosts import Control, MalformedHost, Tenant, Weighted, resolve
+from routing.hosts import Control, MalformedHost, Tenant, Unknown, Weighted, resolve
 
 PREFIX = "/_tenement/"
 
@@ -45,10 +45,12 @@ async def wake(scope: dict[str, Any], send: Any, domain: str) -> None:
     except MalformedHost:
         await plain(send, 400, f"malformed host {host!r}; use ?host=ID.SERVICE.{domain}")
         return
+    state = await proxy_state.current()
+    if isinstance(route, Unknown) and (key := state.table.domains.get(route.host)) is not None:
+        route = Tenant(key)  # a tenant's custom domain (routing.Domain)
     if not isinstance(route, Tenant):
         await plain(send, 404, f"no tenant is served at {host}")
         return
-    state = await proxy_state.current()
     target = state.table.lookup(route.key)
     if target is None:
         await plain(send, 404, f"no such tenant: {route.key}")
@@ -89,12 +91,14 @@ async def ask(scope: dict[str, Any], send: Any, domain: str) -> None:
         await plain(send, 400, f"malformed domain {host!r}")
         return
     known = isinstance(route, Control)
-    if isinstance(route, Tenant | Weighted):
+    if isinstance(route, Tenant | Weighted | Unknown):
         state = await proxy_state.current()
         if isinstance(route, Tenant):
             known = state.table.lookup(route.key) is not None
-        else:  # a service's weighted host
+        elif isinstance(route, Weighted):  # a service's weighted host
             known = route.service in state.table.services
+        else:  # a tenant's custom domain, once routed
+            known = state.table.domain_target(route.host) is not None
     if known:
         await empty(send, 200, [])
     else:

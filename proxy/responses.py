@@ -9,6 +9,7 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 REASONS = {
     400: "bad request",
+    308: "permanent redirect",
     404: "not found",
     405: "method not allowed",
     413: "request body too large",

@@ -171,54 +171,65 @@ def private_listener(app: Any) -> Any:
     return serve
 
 
+def edge_config(application: Any, *, private: bool = False) -> uvicorn.Config:
+    """uvicorn's config for a tenant-facing listener (plain or TLS): the edge limits."""
+    limits = EdgeLimits.from_settings()
+    return uvicorn.Config(
+        application,
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        # Keep Django's LOGGING (tenement_site/logging.py): uvicorn's own dictConfig
+        # would print its warnings in another format, breaking TENEMENT_LOG_FORMAT=json.
+        log_config=None,
+        server_header=False,
+        # The edge limits (proxy/edge.py): one Gate counts this server's connections.
+        # The private metrics listener stays open when the edge sheds for descriptors:
+        # that is when the operator needs /health and /status.
+        http=functools.partial(
+            CoalescingHttpToolsProtocol, gate=Gate(limits, guard_fds=not private)
+        ),  # type: ignore[arg-type]
+        ws=EdgeWebSocketProtocol,
+        timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
+        # We are the edge: X-Forwarded-For from a client is data, not its address.
+        proxy_headers=False,
+    )
+
+
 def http_task(
-    sock: socket.socket, *, private: bool = False
+    sock: socket.socket,
+    *,
+    private: bool = False,
+    wrap: Callable[[Any], Any] | None = None,
+    make_server: Callable[[uvicorn.Config], uvicorn.Server] = EmbeddedServer,
+    name: str = "http",
 ) -> Callable[[Supervisor], Awaitable[None]]:
     """A Supervisor task that serves the ASGI app on `sock` until the supervisor stops
-    (with `private`, only the metrics listener's paths)."""
+    (with `private`, only the metrics listener's paths; `wrap` puts an app in front,
+    `make_server` serves with another uvicorn.Server, the HTTPS one)."""
 
     async def serve(supervisor: Supervisor) -> None:
         from tenement_site.asgi import application as tenant_facing
 
         application = private_listener(tenant_facing) if private else tenant_facing
+        if wrap is not None:
+            application = wrap(application)
 
         # Everything loaded so far (Django, the app registry) lives for the whole process:
         # move it out of the collector's sight so full collections stay short (p99).
         gc.freeze()
 
-        limits = EdgeLimits.from_settings()
-        config = uvicorn.Config(
-            application,
-            lifespan="off",
-            access_log=False,
-            log_level="warning",
-            # Keep Django's LOGGING (tenement_site/logging.py): uvicorn's own dictConfig
-            # would print its warnings in another format, breaking TENEMENT_LOG_FORMAT=json.
-            log_config=None,
-            server_header=False,
-            # The edge limits (proxy/edge.py): one Gate counts this server's connections.
-            # The private metrics listener stays open when the edge sheds for descriptors:
-            # that is when the operator needs /health and /status.
-            http=functools.partial(
-                CoalescingHttpToolsProtocol, gate=Gate(limits, guard_fds=not private)
-            ),  # type: ignore[arg-type]
-            ws=EdgeWebSocketProtocol,
-            timeout_keep_alive=limits.keepalive_timeout,  # type: ignore[arg-type]
-            # We are the edge: X-Forwarded-For from a client is data, not its address.
-            proxy_headers=False,
-        )
-        server = EmbeddedServer(config)
-        name = sock.getsockname()
-        log.info("serving http%s on %s", " (metrics)" if private else "", name)
-        serving = asyncio.create_task(server.serve(sockets=[sock]), name="tenement-uvicorn")
-        stopping = asyncio.create_task(supervisor.stop_event.wait(), name="tenement-http-stop")
+        server = make_server(edge_config(application, private=private))
+        log.info("serving %s%s on %s", name, " (metrics)" if private else "", sock.getsockname())
+        serving = asyncio.create_task(server.serve(sockets=[sock]), name=f"tenement-uvicorn-{name}")
+        stopping = asyncio.create_task(supervisor.stop_event.wait(), name=f"tenement-{name}-stop")
         try:
             await asyncio.wait([serving, stopping], return_when=asyncio.FIRST_COMPLETED)
         finally:
             stopping.cancel()
             await drain(server, serving, supervisor.force_event, settings.TENEMENT_DRAIN_TIMEOUT)
         if not supervisor.stop_event.is_set():
-            raise RuntimeError("the HTTP server stopped unexpectedly")
+            raise RuntimeError(f"the {name.upper()} server stopped unexpectedly")
 
     return serve
 

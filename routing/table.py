@@ -30,17 +30,27 @@ class RoutingTable:
     weighted: dict[str, tuple[tuple[str, int], ...]] = field(default_factory=dict)
     # The release each instance last ran healthy on (until the supervisor says otherwise).
     releases: dict[InstanceKey, str] = field(default_factory=dict)
+    # Tenants' own domains (routing.Domain, routed ones only): host -> instance.
+    domains: dict[str, InstanceKey] = field(default_factory=dict)
 
     def lookup(self, key: InstanceKey) -> Target | None:
         return self.targets.get(key)
+
+    def domain_target(self, host: str) -> Target | None:
+        key = self.domains.get(host)
+        return None if key is None else self.targets.get(key)
 
 
 Row = tuple[str, str, float, float, str, str, int, str]
 
 
-def build(rows: list[Row], services: list[str]) -> RoutingTable:
+def build(
+    rows: list[Row],
+    services: list[str],
+    domains: list[tuple[str, str, str]] = (),  # type: ignore[assignment]
+) -> RoutingTable:
     """From (service, id, request_timeout, wake_timeout, state, socket_path, weight,
-    last_release) rows."""
+    last_release) rows and (domain, service, id) rows."""
     targets: dict[InstanceKey, Target] = {}
     running: dict[InstanceKey, str] = {}
     weighted: dict[str, list[tuple[str, int]]] = {}
@@ -55,7 +65,8 @@ def build(rows: list[Row], services: list[str]) -> RoutingTable:
         if rel:
             releases[key] = rel
     frozen = {service: tuple(found) for service, found in weighted.items()}
-    return RoutingTable(frozenset(services), targets, running, frozen, releases)
+    by_domain = {name: InstanceKey(service, instance_id) for name, service, instance_id in domains}
+    return RoutingTable(frozenset(services), targets, running, frozen, releases, by_domain)
 
 
 @sync_to_async
@@ -63,6 +74,7 @@ def load() -> RoutingTable:
     from django.db import close_old_connections
 
     from instances.models import Instance, Service
+    from routing.models import ROUTED, Domain
 
     close_old_connections()
     rows = Instance.objects.values_list(
@@ -75,4 +87,7 @@ def load() -> RoutingTable:
         "weight",
         "last_release",
     )
-    return build(list(rows), list(Service.objects.values_list("name", flat=True)))
+    domains = Domain.objects.filter(ROUTED).values_list(
+        "name", "instance__service__name", "instance__instance_id"
+    )
+    return build(list(rows), list(Service.objects.values_list("name", flat=True)), list(domains))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Install the Debian packages tenement needs, only those that are missing.
 #   scripts/system-deps.sh run    what `make run` needs (venv support, Node for the demo app)
-#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool)
+#   scripts/system-deps.sh test   what `make test` needs (also PostgreSQL, Chromium, promtool,
+#                                 pebble)
 #   scripts/system-deps.sh bench  what `make bench` needs (also nginx and wrk)
 set -euo pipefail
 
@@ -30,6 +31,8 @@ case "$mode" in
     command -v go >/dev/null 2>&1 || missing+=(golang-go)
     # The Node PORT-only test app's WebSockets (Debian's ws module, /usr/share/nodejs).
     [[ -d /usr/share/nodejs/ws ]] || missing+=(node-ws)
+    # A real ACME server for the TLS tests (the package ships pebble-challtestsrv too).
+    [[ -x /usr/bin/pebble && -x /usr/bin/pebble-challtestsrv ]] || missing+=(pebble)
     ;;
   bench)
     # The proxy benchmark's peer and its load generator.

@@ -117,6 +117,8 @@ TENEMENT_BODY_TIMEOUT = env_positive("TENEMENT_BODY_TIMEOUT", 60.0, float)
 TENEMENT_MAX_CONNECTIONS = env_positive("TENEMENT_MAX_CONNECTIONS", 10_000)
 TENEMENT_MAX_CONNECTIONS_PER_ADDRESS = env_positive("TENEMENT_MAX_CONNECTIONS_PER_ADDRESS", 256)
 TENEMENT_FD_RESERVE = env_positive("TENEMENT_FD_RESERVE", 128)
+# Custom domains' TXT verification asks this DNS server ("HOST:PORT"); empty: the system's.
+TENEMENT_DNS_RESOLVER = os.environ.get("TENEMENT_DNS_RESOLVER", "")
 # Peers whose Forwarded/X-Forwarded-* headers are believed (comma-separated IPs or CIDR
 # networks). Empty: every client's own copies are replaced.
 TENEMENT_TRUSTED_PROXIES = parse_networks(

@@ -190,7 +190,8 @@ def test_upstream_example_config_loads(tmp_path: Path) -> None:
         ),
         ('[service.a]\ncommand = "python3"\nisolation = "firecracker"\n', "VMs are not supported"),
         ('[service.a]\ncommand = "python3"\nvcpus = 2\n', "service.a.vcpus: firecracker and"),
-        ("[settings.tls]\nenabled = true\n", "settings.tls: TLS through ACME is not supported"),
+        # Issue 17: [settings.tls] is supported, and checked (tests/tls/test_tls_config.py).
+        ("[settings.tls]\nenabled = true\n", "settings.tls.acme_email: required"),
         ('[routing]\ndefault = "a"\n', "routing: [routing] is not supported"),
         ('[settings]\nport_range = "80-90"\n', "settings.port_range: must be FIRST-LAST within"),
         ("[settings]\nbackoff_base_ms = 5\n", "must be at least 10 or 0 (at once)"),

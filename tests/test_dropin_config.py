@@ -29,11 +29,50 @@ def upstream_file(path: str) -> str:
     ).stdout
 
 
-def load_upstream(tmp: Path, example: str) -> object:
+# What upstream's READMEs have you build before `ten serve`: the config names the output.
+BUILT = {
+    "go-http": ["server"],
+    "multi-env": ["apps/go/go-worker", "apps/rust/target/release/rust-cache"],
+}
+
+
+def copy_example(tmp: Path, example: str) -> Path:
+    """Upstream's example folder as its README has you use it: its files, and the
+    programs it says to build first (empty executables here: only their presence is
+    checked when the config loads; nothing runs)."""
     folder = tmp / example
-    folder.mkdir(parents=True)
-    (folder / "tenement.toml").write_text(upstream_file(f"examples/{example}/tenement.toml"))
+    where = f"examples/{example}"
+    listing = subprocess.run(
+        ["git", "-C", str(UPSTREAM_REPO), "ls-tree", "-r", "--name-only", TAG, where],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for path in listing:
+        target = folder / Path(path).relative_to(where)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(upstream_file(path))
+        if target.suffix == ".sh":
+            target.chmod(0o755)
+    for built in BUILT.get(example, []):
+        (folder / built).parent.mkdir(parents=True, exist_ok=True)
+        (folder / built).write_text("")
+        (folder / built).chmod(0o755)
+    return folder
+
+
+def load_upstream(tmp: Path, example: str) -> object:
+    folder = copy_example(tmp, example)
     return load_config(folder / "tenement.toml", tmp / "data")
+
+
+def test_a_relative_command_missing_from_the_config_folder_is_named(tmp_path: Path) -> None:
+    (tmp_path / "tenement.toml").write_text('[service.web]\ncommand = "./server.sh"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "tenement.toml", tmp_path / "data")
+    assert "'./server.sh' does not exist" in str(info.value)
+    (tmp_path / "server.sh").write_text("#!/bin/sh\n")
+    load_config(tmp_path / "tenement.toml", tmp_path / "data")  # found where it will run
 
 
 @pytest.mark.parametrize("example", ["hello-world", "node-fastify", "go-http", "multi-env"])
@@ -81,6 +120,7 @@ def test_upstream_examples_that_share_folders_are_refused_with_the_reason(
 def test_upstream_e2e_keys_are_enforced(tmp_path: Path) -> None:
     """The keys of upstream's scripts/e2e.sh config: restart, backoff_base_ms = 0,
     INSTANCE_ID = "{id}", MARKER_PATH under the tenant's folder."""
+    (tmp_path / "identify.sh").write_text("#!/bin/sh\n")  # the e2e script writes its own
     (tmp_path / "tenement.toml").write_text(
         "[settings]\nhealth_check_interval = 1\nbackoff_base_ms = 0\n"
         '[service.crash]\ncommand = "./identify.sh"\nhealth = "/"\nisolation = "process"\n'

@@ -5,12 +5,15 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import DefaultRouter
 
 from instances.api import logs, schema, telemetry, views  # noqa: F401  (schema: an extension)
+from proxy.tls.api import TlsStatusView
+from routing.domains_api import DomainViewSet
 
 router = DefaultRouter()
 router.trailing_slash = "/?"  # scripts and the CLI may leave the slash off; no redirect
 router.register("services", views.ServiceViewSet, basename="service")
 router.register("instances", views.InstanceViewSet, basename="instance")
 router.register("tokens", views.TokenViewSet, basename="token")
+router.register("domains", DomainViewSet, basename="domain")
 
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="api-schema"),
@@ -19,6 +22,7 @@ urlpatterns = [
     re_path(r"^telemetry/?$", telemetry.TelemetryView.as_view(), name="api-telemetry"),
     re_path(r"^logs/?$", logs.LogSearchView.as_view(), name="api-logs"),
     re_path(r"^logs/stream/?$", logs.LogStreamView.as_view(), name="api-logs-stream"),
+    re_path(r"^tls/status/?$", TlsStatusView.as_view(), name="api-tls-status"),
     # Releases and weights (upstream's weight/deploy/route too), before the router's
     # instance routes so that /instances/{key}/weight is ours.
     path("", include("routing.api")),

@@ -15,6 +15,7 @@ from instances.cli import (
     project,
     proxyconf,
     releases,
+    tls,
     tokens,
 )
 from instances.cli.client import CliError, Exit
@@ -400,6 +401,10 @@ def add_releases(verbs: Verbs) -> None:
     changes.add_argument("service", metavar="SVC", nargs="?", type=label)
 
 
+def add_tls(verbs: Verbs) -> None:
+    tls.add_verbs(verbs, instance_key)
+
+
 def build_parser() -> argparse.ArgumentParser:
     common = common_options()
     parser = argparse.ArgumentParser(
@@ -419,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_project,
         add_config,
         add_releases,
+        add_tls,
     ):
         add(verbs)
     proxyconf.add(verbs)

@@ -98,6 +98,10 @@ def _mounts(value: Any) -> str | None:
     return None
 
 
+def _table(value: Any) -> str | None:
+    return None if isinstance(value, dict) else "must be a table"
+
+
 def _one_of(*choices: str) -> Check:
     def check(value: Any) -> str | None:
         return None if value in choices else f"must be one of {', '.join(choices)}"
@@ -119,6 +123,26 @@ SETTINGS: dict[str, Check] = {
     "log_retention_lines": _integer(1),
     "uid_range": _string,
     "port_range": _string,
+    "tls": _table,
+}
+TLS: dict[str, Check] = {
+    "enabled": _boolean,
+    "acme_email": _string,
+    "domain": _string,
+    "cache_dir": _string,
+    "staging": _boolean,
+    "https_port": _integer(1),
+    "http_port": _integer(1),
+    "dns_provider": _string,
+    "directory_url": _string,
+    "on_demand": _boolean,
+    "wildcard": _boolean,
+    "dns_hook": _string,
+    "cert_file": _string,
+    "key_file": _string,
+    "redirect_http": _boolean,
+    "orders_per_hour": _integer(1),
+    "handshake_wait": _seconds(positive=True),
 }
 SERVICE: dict[str, Check] = {
     "command": _string,
@@ -188,6 +212,8 @@ def check_tables(raw: dict[str, Any]) -> list[str]:
             tables[key] = {}
     problems += check_keys(tables["settings"], SETTINGS, "settings")
     problems += check_backoff(tables["settings"])
+    if isinstance(tls := tables["settings"].get("tls"), dict):
+        problems += check_keys(tls, TLS, "settings.tls")
     for name, service in tables["service"].items():
         problems += check_service(name, service)
     problems += check_instances(tables["instances"], tables["service"])

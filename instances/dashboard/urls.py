@@ -3,7 +3,7 @@ from __future__ import annotations
 from django.contrib.auth import views as auth_views
 from django.urls import path
 
-from instances.dashboard import charts, detail, logs, overview, releases, tokens
+from instances.dashboard import charts, detail, logs, overview, releases, tls, tokens
 
 app_name = "dashboard"
 
@@ -20,6 +20,9 @@ urlpatterns = [
     path("logs/", logs.search, name="logs"),
     path("tokens/", tokens.tokens, name="tokens"),
     path("tokens/<str:name>/revoke/", tokens.revoke, name="token-revoke"),
+    path("tls/", tls.tls, name="tls"),
+    path("tls/domains/<str:name>/remove/", tls.remove_domain, name="domain-remove"),
+    path("tls/domains/<str:name>/verify/", tls.verify_domain, name="domain-verify"),
     path(
         "accounts/login/",
         auth_views.LoginView.as_view(redirect_authenticated_user=True),

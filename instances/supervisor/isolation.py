@@ -255,7 +255,7 @@ def bwrap_options(
         opts += ["--ro-bind", folder, folder]
     # The data root (other tenants) and the control plane's state (database, secret key)
     # become empty tmpfs ...
-    hidden = _outermost([spec.data_dir, *control_plane_dirs()])
+    hidden = _outermost([spec.data_dir, *control_plane_dirs(), *sorted(_masked_dirs)])
     for folder in hidden:
         opts += ["--tmpfs", folder]
     # ... with this tenant's own data and socket folders bound back in. bwrap would make
@@ -292,11 +292,18 @@ def hidden_workdir(spec: ServiceSpec, instance_id: str, cwd: Path) -> str | None
 
 # Files no tenant may reach even where they are otherwise visible (see mask()).
 _masked: set[str] = set()
+# Folders every sandbox sees as an empty tmpfs (see mask_dir()).
+_masked_dirs: set[str] = set()
 
 
 def mask(path: str) -> None:
     """Make `path` (e.g. the --metrics-bind socket) read as /dev/null in every sandbox."""
     _masked.add(os.path.abspath(path))
+
+
+def mask_dir(path: str) -> None:
+    """Make the folder `path` (e.g. the ACME cache_dir) an empty tmpfs in every sandbox."""
+    _masked_dirs.add(os.path.abspath(path))
 
 
 @functools.cache

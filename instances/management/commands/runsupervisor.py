@@ -12,15 +12,17 @@ from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
 from instances import systemd
-from instances.config import ConfigError, load_config
+from instances.config import ConfigError, LoadedConfig, load_config
 from instances.management.base import ensure_migrated, tenement_version
 from instances.supervisor import Supervisor
 from instances.supervisor.cgroups import release as release_cgroups
-from instances.supervisor.isolation import host, isolation_report, mask
+from instances.supervisor.isolation import host, isolation_report, mask, mask_dir
 from instances.supervisor.lock import DataDirBusy, data_dir_lock
 from instances.supervisor.sampling import sample_loop
 from instances.sync import apply_config, start_config_instances
 from proxy.server import bind_private_socket, bind_socket, event_loop_factory, http_task
+from proxy.tls import service as tls_service
+from proxy.tls.config import TlsConfig
 
 EXIT_GRACE = 1.0  # seconds the interpreter gets to exit once every instance is stopped
 
@@ -45,8 +47,16 @@ class Command(BaseCommand):
         parser.add_argument(
             "--bind",
             metavar="HOST:PORT",
-            default=os.environ.get("TENEMENT_BIND") or "127.0.0.1:8000",
-            help="Address for HTTP (default 127.0.0.1:8000). Env: TENEMENT_BIND.",
+            default=os.environ.get("TENEMENT_BIND") or None,
+            help="Address for HTTP (default 127.0.0.1:8000; 0.0.0.0:{http_port} with "
+            "[settings.tls] enabled). Env: TENEMENT_BIND.",
+        )
+        parser.add_argument(
+            "--https-bind",
+            metavar="HOST:PORT",
+            default=os.environ.get("TENEMENT_HTTPS_BIND") or None,
+            help="Address for HTTPS with [settings.tls] enabled (default "
+            "0.0.0.0:{https_port}). Env: TENEMENT_HTTPS_BIND.",
         )
         parser.add_argument(
             "--metrics-bind",
@@ -80,32 +90,30 @@ class Command(BaseCommand):
             raise CommandError(str(e)) from None
 
     def run(self, options: dict[str, Any]) -> None:
+        # Read (not yet applied) first: [settings.tls] decides which listeners there are.
+        config = self.read(options["config"]) if options["config"] else None
         # Listen first: a port in use stops us before the database or any instance is
         # touched (the [instances] of --config would otherwise be marked to start).
         extra = {}
         if not options["no_http"]:
-            try:
-                extra["tenement-http"] = http_task(bind_socket(options["bind"]))
-            except (OSError, ValueError) as e:
-                raise CommandError(str(e)) from None
+            extra.update(self.listeners(options, config.tls if config else None))
+        elif options["https_bind"]:
+            raise CommandError("--https-bind needs the HTTP server: drop --no-http")
         if options["metrics_bind"]:
             extra["tenement-metrics-http"] = self.metrics_listener(options["metrics_bind"])
         if not options["no_migrate"]:
             ensure_migrated(self.stdout.write)
-        if options["config"]:
-            self.load(options["config"])
+        if config is not None:
+            self.load(config)
         if not options["no_http"]:
             # The dashboard's charts: this process serves both the proxy and the pages.
             extra["tenement-timeline"] = sample_loop
-            self.stdout.write(
-                f"Listening on http://{options['bind']} (control host {settings.TENEMENT_DOMAIN})"
-            )
             self.hint_login()
         self.report_isolation()
         if (notify := systemd.from_environment()) is not None:
             # Type=notify: READY and WATCHDOG follow /health's checks.
             extra["tenement-systemd"] = systemd.task(*notify)
-        drain = frozenset({"tenement-http", "tenement-metrics-http"})
+        drain = frozenset({"tenement-http", "tenement-https", "tenement-metrics-http"})
         supervisor = Supervisor(extra_tasks=extra, drain_tasks=drain)
         with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
             code = runner.run(supervisor.run())
@@ -113,6 +121,35 @@ class Command(BaseCommand):
         exit_now_if_stuck(code)
         if code:
             raise SystemExit(code)
+
+    def listeners(self, options: dict[str, Any], tls: TlsConfig | None) -> dict[str, Any]:
+        """The HTTP listener, and with TLS the HTTPS one and the ACME renewal loop."""
+        if tls is None and options["https_bind"]:
+            raise CommandError("--https-bind needs [settings.tls] enabled = true in --config")
+        default_bind = f"0.0.0.0:{tls.http_port}" if tls else "127.0.0.1:8000"
+        bind = options["bind"] or default_bind
+        try:
+            http_sock = bind_socket(bind)
+            https_bind = options["https_bind"] or (f"0.0.0.0:{tls.https_port}" if tls else "")
+            https_sock = bind_socket(https_bind) if tls else None
+        except (OSError, ValueError) as e:
+            raise CommandError(str(e)) from None
+        domain = settings.TENEMENT_DOMAIN
+        if tls is None or https_sock is None:
+            self.stdout.write(f"Listening on http://{bind} (control host {domain})")
+            return {"tenement-http": http_task(http_sock)}
+        try:
+            manager = tls_service.start_manager(tls)
+        except (OSError, ValueError) as e:
+            raise CommandError(f"settings.tls: {e}") from None
+        mask_dir(str(tls.cache_dir))
+        self.stdout.write(
+            f"Listening on http://{bind} and https://{https_bind} (control host {domain})"
+        )
+        return {
+            "tenement-http": http_task(http_sock, wrap=tls_service.http_wrapper(manager)),
+            **tls_service.tasks(manager, https_sock),
+        }
 
     def metrics_listener(self, bind: str) -> Any:
         try:
@@ -141,17 +178,19 @@ class Command(BaseCommand):
                 "No staff account yet: run `manage.py createsuperuser` to log in to the dashboard."
             )
 
-    def load(self, path: str) -> None:
+    def read(self, path: str) -> LoadedConfig:
         try:
-            config = load_config(path, settings.TENEMENT_DATA_DIR)
+            return load_config(path, settings.TENEMENT_DATA_DIR)
         except ConfigError as e:
             raise CommandError(str(e)) from None
+
+    def load(self, config: LoadedConfig) -> None:
         try:
             report = apply_config(config)
         except ConfigError as e:  # e.g. a pin to a release that does not exist
             raise CommandError(str(e)) from None
         started = start_config_instances(config)
-        self.stdout.write(f"Loaded {path}:")
+        self.stdout.write(f"Loaded {config.path}:")
         for line in report.lines():
             self.stdout.write(f"  {line}")
         self.stdout.write(f"  starting {started} instance(s) listed in [instances]")
