@@ -6,7 +6,7 @@
   `wake_timeout`, 400 for a malformed host. It also counts as activity, so a tenant that
   nginx serves straight from its socket is not stopped for idleness. To a trusted proxy
   (TENEMENT_TRUSTED_PROXIES) the 204 also says where the tenant listens
-  (`X-Tenement-Socket`), for `ten nginx --direct`'s `auth_request`.
+  (`X-Tenement-Upstream`), for `ten nginx --direct`'s `auth_request`.
 - `/_tenement/ask?domain=H`: Caddy's on-demand TLS `ask`: 200 when H is the control host,
   a registered tenant, a service's weighted host or a tenant's routed custom domain, else
   404, so certificates are only issued for our own names.
@@ -22,6 +22,7 @@ from urllib.parse import parse_qs
 
 from django.conf import settings
 
+from instances.addresses import parse_tcp
 from proxy import state as proxy_state
 from proxy.forwarded import peer_of
 from proxy.limits import is_trusted
@@ -68,8 +69,18 @@ async def wake(scope: dict[str, Any], send: Any, domain: str) -> None:
         extra.append((b"x-tenement-wake", str(round((time.monotonic() - began) * 1000)).encode()))
     if is_trusted(peer_of(scope), settings.TENEMENT_TRUSTED_PROXIES):
         # For `ten nginx --direct`: where nginx connects (never told to anyone else).
-        extra.append((b"x-tenement-socket", socket.encode()))
+        extra.append((b"x-tenement-upstream", nginx_upstream(socket).encode()))
     await empty(send, 204, extra)
+
+
+def nginx_upstream(address: str) -> str:
+    """An app's address as nginx's proxy_pass takes it after `http://`: `unix:PATH:` for a
+    Unix socket, `HOST:PORT` for an app on a TCP port (drop-in PORT apps)."""
+    tcp = parse_tcp(address)
+    if tcp is None:
+        return f"unix:{address}:"
+    host, port = tcp
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 async def ask(scope: dict[str, Any], send: Any, domain: str) -> None:

@@ -34,6 +34,7 @@ NGINX = shutil.which("nginx") or "/usr/sbin/nginx"
 DOMAIN = "example.test"
 SERVICE = "nginxed"
 DIRECT = "nginxdir"
+TCP = "nginxtcp"
 APP = f"{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --uds {{socket}}"
 CONFIG = f"""
 [service.{SERVICE}]
@@ -48,9 +49,16 @@ health = "/health"
 user = "nobody"
 idle_timeout = 3
 
+# An app on a TCP port (upstream's contract), also served by `ten nginx --direct`.
+[service.{TCP}]
+command = "{TENANT_UVICORN} --app-dir {REPO} tests.apps.proxyapp:app --port {{port}}"
+health = "/health"
+listen = "tcp"
+
 [instances]
 {SERVICE} = ["alice", "bob"]
 {DIRECT} = ["carol"]
+{TCP} = ["dora"]
 """
 PASSWORD = "correct horse battery staple"
 
@@ -116,7 +124,9 @@ class Front:
 
     def certificate(self) -> tuple[Path, Path]:
         cert, key = self.root / "cert.pem", self.root / "key.pem"
-        names = f"DNS:{DOMAIN},DNS:*.{SERVICE}.{DOMAIN},DNS:*.{DIRECT}.{DOMAIN}"
+        names = ",".join(
+            [f"DNS:{DOMAIN}", *(f"DNS:*.{name}.{DOMAIN}" for name in (SERVICE, DIRECT, TCP))]
+        )
         subprocess.run(
             [
                 *(
@@ -143,7 +153,7 @@ class Front:
         d.start("--config", str(d.config), "--domain", DOMAIN, "--bind", bind, http=True)
         d.wait_for("tenement listening", lambda: listening(self.port), 60)
         d.wait_states({f"{SERVICE}:alice": "running", f"{SERVICE}:bob": "running"}, 60)
-        d.wait_states({f"{DIRECT}:carol": "running"}, 60)
+        d.wait_states({f"{DIRECT}:carol": "running", f"{TCP}:dora": "running"}, 60)
         created = subprocess.run(
             [
                 sys.executable,
@@ -277,8 +287,14 @@ def test_a_sleeping_tenant_is_woken_through_nginx(front: Front) -> None:
     d.wait_states({f"{SERVICE}:bob": "running"})
     # The access log's line for it: the real client, the wake, the request id.
     rid = response.headers["X-Request-ID"]
-    lines = [json.loads(x) for x in front.supervisor_log().splitlines() if rid in x]
-    [line] = [x for x in lines if x.get("event") == "access"]
+
+    def access_lines() -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in front.supervisor_log().splitlines() if rid in x]
+        return [x for x in lines if x.get("event") == "access"]
+
+    # Log lines are written by a listener thread: a moment after the response.
+    d.wait_for("the access log line", lambda: bool(access_lines()), 10)
+    [line] = access_lines()
     assert line["instance"] == f"{SERVICE}:bob" and line["status"] == 200
     assert line["client"] == "127.0.0.5" and line["wake_ms"] > 0
     assert line["bytes"] == len(body) and line["duration_ms"] >= line["wake_ms"]
@@ -461,7 +477,15 @@ def test_direct_nginx_serves_from_the_socket_and_wakes_through_tenement(
     assert response.status == 404 and b"no such tenant" in body
 
 
-def test_the_socket_is_told_to_trusted_proxies_only(front: Front) -> None:
+def test_direct_nginx_serves_an_app_on_a_tcp_port(front: Front, direct: int) -> None:
+    https = Https(direct, front.cert, "127.0.0.5")
+    response, body = https.request(f"dora.{TCP}.{DOMAIN}", "/headers")
+    assert response.status == 200, (body, front.logs())
+    seen = headers_seen(body)
+    assert "x-request-id" not in seen and seen["x-forwarded-proto"] == ["https"]
+
+
+def test_the_upstream_is_told_to_trusted_proxies_only(front: Front) -> None:
     query = "/_tenement/wake?host=" + f"carol.{DIRECT}.{DOMAIN}"
     for source, told in (("127.0.0.1", True), ("127.0.0.9", False)):
         conn = http.client.HTTPConnection(
@@ -472,7 +496,10 @@ def test_the_socket_is_told_to_trusted_proxies_only(front: Front) -> None:
         response.read()
         conn.close()
         assert response.status == 204
-        assert ("X-Tenement-Socket" in response.headers) is told, source
+        upstream = response.headers.get("X-Tenement-Upstream")
+        assert (upstream is not None) is told, source
+        if told:
+            assert upstream.startswith("unix:/") and upstream.endswith("/app.sock:"), upstream
 
 
 # ---- Caddy (Debian bookworm's 2.6.2), from the Caddyfile `ten caddy` prints ---------------

@@ -174,9 +174,14 @@ class InstanceSerializer(serializers.ModelSerializer):
 
     def get_url(self, obj: Instance) -> str:
         """As the dashboard shows it: the scheme and port the API was reached on."""
+        from django.conf import settings
+
         from instances.dashboard.display import tenant_url
 
-        return tenant_url(self.context["request"], obj)
+        request = self.context.get("request")
+        if request is None:  # serialized outside a request (upstream's telemetry rows)
+            return f"http://{obj.instance_id}.{obj.service.name}.{settings.TENEMENT_DOMAIN}/"
+        return tenant_url(request, obj)
 
 
 LIST_STORAGE_ENTRIES = 1000

@@ -123,8 +123,9 @@ server {{
 
     location / {{
         auth_request /_tenement_wake;
-        auth_request_set $tenement_socket $upstream_http_x_tenement_socket;
-        proxy_pass http://unix:$tenement_socket:;
+        # unix:/path/app.sock: or 127.0.0.1:PORT, as tenement reached the app.
+        auth_request_set $tenement_upstream $upstream_http_x_tenement_upstream;
+        proxy_pass http://$tenement_upstream;
         proxy_http_version 1.1;
         proxy_set_header Host $http_host;
         proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
