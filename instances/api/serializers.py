@@ -96,6 +96,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "health",
             "storage_used_bytes",
             "storage_quota_bytes",
+            "weight",
             "key",
             "service",
             "instance_id",
