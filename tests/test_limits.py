@@ -246,3 +246,14 @@ def test_code_under_tmp_stays_visible_but_never_the_data_root(short_tmp: Path) -
     assert (
         isolation.code_folders(spec.__class__(name="a", command="x", data_dir="/d"), [], {}) == []
     )
+
+
+def test_code_named_in_an_assignment_argument_stays_visible(short_tmp: Path) -> None:
+    """`env PYTHONPATH=/tmp/x/site-packages python3 app.py` names its packages in an
+    argument's value: bound back too (a fresh clone under /tmp failed this way)."""
+    packages = short_tmp / "venv" / "site-packages"
+    packages.mkdir(parents=True)
+    spec = ServiceSpec(name="a", command="x", data_dir="/d")
+    argv = ["/usr/bin/env", f"PYTHONPATH={packages}:/usr/lib/nothing", "/usr/bin/python3"]
+    assert isolation.code_folders(spec, argv, {}) == [str(packages)]
+    assert isolation.code_folders(spec, [f"--app-dir={packages}"], {}) == [str(packages)]

@@ -332,7 +332,11 @@ def _outermost(folders: list[str]) -> list[str]:
 def code_folders(spec: ServiceSpec, argv: list[str], env: Mapping[str, str]) -> list[str]:
     """Folders under /tmp the command names (its arguments, path-like env values, the
     config's folder), which the sandbox's private /tmp would otherwise hide."""
-    words = [*argv, *(p for v in env.values() for p in v.split(os.pathsep)), spec.config_dir]
+    words = [
+        *(p for word in argv for p in _path_words(word)),
+        *(p for v in env.values() for p in v.split(os.pathsep)),
+        spec.config_dir,
+    ]
     private = [Path(d) for d in (spec.data_dir, *control_plane_dirs())]
     found = []
     for word in words:
@@ -348,6 +352,13 @@ def code_folders(spec: ServiceSpec, argv: list[str], env: Mapping[str, str]) -> 
 
 
 TMP = "/tmp"
+
+
+def _path_words(word: str) -> list[str]:
+    """An argument, and the paths in its value when it is NAME=VALUE or --option=VALUE
+    (`env PYTHONPATH=/tmp/x/site-packages python3 app.py`, `--app-dir=/tmp/x`)."""
+    _, eq, value = word.partition("=")
+    return [word, *value.split(os.pathsep)] if eq else [word]
 
 
 def _folders_between(root: str, target: str) -> list[str]:
