@@ -18,7 +18,9 @@ from tests.harness import Deployment, free_port, http_request
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
-PYTHONPATH = sysconfig.get_paths()["purelib"]
+# The venv's packages (uvicorn) and the checkout (port_app imports tests.apps.proxyapp):
+# named here, both stay visible inside the sandbox when the checkout is under /tmp.
+PYTHONPATH = f"{sysconfig.get_paths()['purelib']}:{REPO}"
 NODE = shutil.which("node") or "/usr/bin/node"
 CONFIG = f"""
 [settings]
