@@ -136,6 +136,7 @@ class QueuedStderrHandler(logging.handlers.QueueHandler):
         writer.setFormatter(logging.Formatter("%(message)s"))  # already formatted here
         self.listener = logging.handlers.QueueListener(self.queue, writer)
         self.listener.start()
+        self.writing = True  # close() runs twice (dictConfig, then atexit); stop() once
         atexit.register(self.close)
 
     def enqueue(self, record: logging.LogRecord) -> None:
@@ -153,7 +154,8 @@ class QueuedStderrHandler(logging.handlers.QueueHandler):
 
     def close(self) -> None:
         # Writes out what is queued (the lines that explain a shutdown) before exit.
-        if self.listener._thread is not None:
+        if self.writing:
+            self.writing = False
             if self.dropped:
                 self.queue.put(self._dropped_record())
                 self.dropped = 0
